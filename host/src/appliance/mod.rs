@@ -1,0 +1,409 @@
+//! The helper appliance: a Debian kernel and an initramfs holding a Debian userland,
+//! the kernel modules the agent loads, and the agent itself as `/init`.
+//!
+//! Assembly is done on the host without root and without the host's package manager:
+//! packages come from [`crate::archive`], their data archives are unpacked into an
+//! in-memory tree and written as cpio. The result is cached under a key derived from the
+//! definition, so a second run neither downloads nor assembles anything; the agent is
+//! appended as a second cpio archive, so rebuilding the agent does not invalidate it.
+
+mod definition;
+mod kmod;
+mod tree;
+
+pub use definition::{Definition, BUILTIN};
+
+use crate::arch::Arch;
+use crate::archive::{self, Archive, Fetcher, Package};
+use crate::progress;
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Read};
+use std::path::{Path, PathBuf};
+use tree::{Node, Tree};
+
+/// Bumped whenever assembly changes in a way that changes its output.
+const FORMAT: u32 = 1;
+
+/// Where the agent writes its load list from (see the agent's `init`).
+const MODULE_LIST: &str = "etc/imgvm/modules";
+
+/// A ready appliance in the cache.
+pub struct Appliance {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub arch: Arch,
+    pub suite: String,
+    pub mirror: String,
+    pub kernel_package: String,
+    pub kernel_version: String,
+    pub modules: Vec<String>,
+    pub packages: Vec<PackageRef>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct PackageRef {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+}
+
+/// Which appliance to use: the definition plus any mirror or suite override.
+pub struct Spec {
+    pub arch: Arch,
+    pub definition: Definition,
+    key: String,
+}
+
+impl Spec {
+    pub fn new(arch: Arch, mirror: Option<&str>, suite: Option<&str>) -> Result<Spec> {
+        let mut definition = Definition::parse(BUILTIN)?;
+        if let Some(mirror) = mirror {
+            definition.mirror = mirror.trim_end_matches('/').to_owned();
+        }
+        if let Some(suite) = suite {
+            definition.suite = suite.to_owned();
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(format!(
+            "{FORMAT}\0{arch}\0{}\0{}\0",
+            definition.mirror, definition.suite
+        ));
+        hasher.update(BUILTIN);
+        let key = format!("{arch}-{}", &archive::hex(&hasher.finalize())[..16]);
+        Ok(Spec { arch, definition, key })
+    }
+
+    fn dir(&self) -> PathBuf {
+        crate::cache::dir().join("appliances").join(&self.key)
+    }
+
+    /// The cached appliance, if one was assembled before.
+    pub fn cached(&self) -> Option<Appliance> {
+        let dir = self.dir();
+        let manifest = std::fs::read(dir.join("manifest.json")).ok()?;
+        let manifest = serde_json::from_slice(&manifest).ok()?;
+        Some(Appliance { dir, manifest })
+    }
+
+    /// The cached appliance, or a freshly assembled one when there is none or `refresh`.
+    pub fn ensure(&self, fetcher: &Fetcher, refresh: bool) -> Result<Appliance> {
+        if !refresh {
+            if let Some(appliance) = self.cached() {
+                tracing::info!("using cached {} appliance ({})", self.arch, appliance.dir.display());
+                return Ok(appliance);
+            }
+        }
+        self.assemble(fetcher)
+    }
+
+    fn assemble(&self, fetcher: &Fetcher) -> Result<Appliance> {
+        let def = &self.definition;
+        let arch = self.arch;
+        let cache = crate::cache::dir();
+        let archive = Archive::new(&def.mirror, &def.suite, &cache.join("archive"), fetcher.clone());
+        tracing::info!("resolving the {arch} appliance from {} {}", def.mirror, def.suite);
+        let index = archive.index(arch)?;
+        let kernel_meta = def.kernel_package(arch)?;
+        let kernel = kernel_image_package(&index, kernel_meta)?;
+        let packages = index
+            .closure(&def.packages)
+            .context("resolving the appliance's packages")?;
+        let mut all: Vec<&Package> = packages.values().collect();
+        all.push(kernel);
+        let debs = download_all(&archive, &all)?;
+
+        tracing::info!("assembling the {arch} appliance from {} packages", packages.len());
+        let mut tree = Tree::default();
+        for package in packages.values() {
+            unpack(&debs[&package.name], &mut tree, &def.exclude)
+                .with_context(|| format!("unpacking {} {}", package.name, package.version))?;
+        }
+        let (kernel_file, kernel_version, modules) = unpack_kernel(&debs[&kernel.name])
+            .with_context(|| format!("unpacking {} {}", kernel.name, kernel.version))?;
+        let order = modules.load_order(&def.modules)?;
+        let mut list = String::new();
+        for module in &order {
+            let key = Tree::key(&module.path);
+            tree.insert(
+                key.clone(),
+                Node::File {
+                    mode: 0o644,
+                    data: module.image()?,
+                },
+            );
+            list.push_str(&format!("/{key}\n"));
+        }
+        tree.insert(
+            MODULE_LIST.into(),
+            Node::File {
+                mode: 0o644,
+                data: list.into_bytes(),
+            },
+        );
+        add_system_files(&mut tree);
+        tree.finish();
+
+        let parent = self.dir().parent().context("cache directory")?.to_owned();
+        std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+        let staging = tempfile::tempdir_in(&parent)?;
+        std::fs::write(staging.path().join("kernel"), &kernel_file)?;
+        let mut cpio = BufWriter::new(std::fs::File::create(staging.path().join("base.cpio"))?);
+        tree.write_cpio(&mut cpio)?;
+        cpio.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let manifest = Manifest {
+            arch,
+            suite: def.suite.clone(),
+            mirror: def.mirror.clone(),
+            kernel_package: kernel.name.clone(),
+            kernel_version,
+            modules: order
+                .iter()
+                .map(|m| kmod::module_name(&m.path).unwrap_or_default())
+                .collect(),
+            packages: packages
+                .values()
+                .map(|p| PackageRef {
+                    name: p.name.clone(),
+                    version: p.version.clone(),
+                    architecture: p.architecture.clone(),
+                })
+                .collect(),
+        };
+        std::fs::write(
+            staging.path().join("manifest.json"),
+            serde_json::to_vec_pretty(&manifest)?,
+        )?;
+        // Replace any older appliance of the same key in one rename.
+        let dir = self.dir();
+        let old = parent.join(format!(".old-{}", self.key));
+        let _ = std::fs::remove_dir_all(&old);
+        if dir.exists() {
+            std::fs::rename(&dir, &old)?;
+        }
+        std::fs::rename(staging.keep(), &dir)?;
+        let _ = std::fs::remove_dir_all(&old);
+        tracing::info!(
+            "{arch} appliance ready: {} files, kernel {}",
+            tree.len(),
+            manifest.kernel_version
+        );
+        Ok(Appliance { dir, manifest })
+    }
+}
+
+impl Appliance {
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join("kernel")
+    }
+
+    /// The initramfs to boot: the cached base archive with `agent` appended as `/init`.
+    /// Kept in the cache next to the base, keyed by the agent's hash.
+    pub fn initrd(&self, agent: &[u8]) -> Result<PathBuf> {
+        let hash = archive::hex(&Sha256::digest(agent));
+        let name = format!("initrd-{}.cpio", &hash[..16]);
+        let path = self.dir.join(&name);
+        if path.exists() {
+            return Ok(path);
+        }
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        std::io::copy(&mut std::fs::File::open(self.dir.join("base.cpio"))?, tmp.as_file_mut())?;
+        tree::single_file_cpio(tmp.as_file_mut(), "init", 0o755, agent)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&path)?;
+        // Initrds for older agents are dead weight.
+        for entry in std::fs::read_dir(&self.dir)?.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if file.starts_with("initrd-") && file != name {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(path)
+    }
+}
+
+/// Follows the kernel metapackage (`linux-image-cloud-amd64`) to the package with the
+/// kernel in it (`linux-image-6.12.48+deb13-cloud-amd64`).
+fn kernel_image_package<'a>(index: &'a archive::PackageIndex, meta: &str) -> Result<&'a Package> {
+    let mut package = index
+        .get(meta)
+        .with_context(|| format!("the archive has no kernel package {meta}"))?;
+    for _ in 0..4 {
+        if package.name != meta {
+            return Ok(package);
+        }
+        let next = package
+            .depends
+            .iter()
+            .flatten()
+            .find(|d| d.starts_with("linux-image-") && index.get(d).is_some());
+        match next {
+            Some(name) => package = index.get(name).expect("checked above"),
+            None => return Ok(package),
+        }
+    }
+    bail!("cannot find the kernel image package behind {meta}")
+}
+
+fn download_all(archive: &Archive, packages: &[&Package]) -> Result<BTreeMap<String, PathBuf>> {
+    let total: u64 = packages.iter().map(|p| p.size).sum();
+    let bar = progress::bytes_bar(total, "fetching packages");
+    let queue = std::sync::Mutex::new(packages.iter());
+    let results = std::sync::Mutex::new(BTreeMap::new());
+    let failure = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| loop {
+                let Some(package) = queue.lock().unwrap().next() else {
+                    return;
+                };
+                if failure.lock().unwrap().is_some() {
+                    return;
+                }
+                match archive.deb(package) {
+                    Ok(path) => {
+                        bar.inc(package.size);
+                        results.lock().unwrap().insert(package.name.clone(), path);
+                    }
+                    Err(e) => {
+                        failure.lock().unwrap().get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    if let Some(e) = failure.into_inner().unwrap() {
+        return Err(e);
+    }
+    let stats = archive.fetcher().stats();
+    tracing::info!(
+        "{} packages ({} MB) needed, {} files ({} MB) downloaded",
+        packages.len(),
+        total >> 20,
+        stats.files(),
+        stats.bytes() >> 20
+    );
+    Ok(results.into_inner().unwrap())
+}
+
+fn unpack(deb: &Path, tree: &mut Tree, exclude: &[String]) -> Result<()> {
+    archive::extract_data(deb, |entry| {
+        let path = entry.path()?.to_string_lossy().into_owned();
+        let key = Tree::key(&path);
+        if exclude.iter().any(|e| key == *e || key.starts_with(&format!("{e}/"))) {
+            return Ok(());
+        }
+        let mode = entry.header().mode()? & 0o7777;
+        let node = match entry.header().entry_type() {
+            tar::EntryType::Directory => Node::Dir { mode },
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let mut data = Vec::with_capacity(entry.size() as usize);
+                entry.read_to_end(&mut data)?;
+                Node::File { mode, data }
+            }
+            tar::EntryType::Symlink => {
+                if Tree::is_merged_link(&path) {
+                    return Ok(());
+                }
+                let target = entry.link_name()?.context("symlink without target")?;
+                Node::Symlink {
+                    target: target.to_string_lossy().into_owned(),
+                }
+            }
+            tar::EntryType::Link => {
+                let target = Tree::key(
+                    &entry
+                        .link_name()?
+                        .context("hard link without target")?
+                        .to_string_lossy(),
+                );
+                match tree.get(&target) {
+                    Some(Node::File { data, .. }) => Node::File {
+                        mode,
+                        data: data.clone(),
+                    },
+                    _ => bail!("hard link {path} points to {target}, which is not a file"),
+                }
+            }
+            _ => return Ok(()),
+        };
+        // A directory entry never replaces what is already there.
+        if matches!(node, Node::Dir { .. }) && tree.contains(&key) {
+            return Ok(());
+        }
+        tree.insert(key, node);
+        Ok(())
+    })
+}
+
+fn unpack_kernel(deb: &Path) -> Result<(Vec<u8>, String, kmod::ModuleSet)> {
+    let mut kernel = None;
+    let mut modules = kmod::ModuleSet::default();
+    archive::extract_data(deb, |entry| {
+        let path = entry.path()?.to_string_lossy().trim_start_matches("./").to_owned();
+        let is_kernel = path.starts_with("boot/vmlinuz-") || path.starts_with("boot/vmlinux-");
+        let is_module = kmod::module_name(&path).is_some();
+        let is_builtin = path.ends_with("/modules.builtin");
+        if !(is_kernel || is_module || is_builtin) || entry.header().entry_type() != tar::EntryType::Regular {
+            return Ok(());
+        }
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data)?;
+        if is_kernel {
+            kernel = Some((data, path["boot/vmlinuz-".len()..].to_owned()));
+        } else if is_builtin {
+            modules.add_builtin(&String::from_utf8_lossy(&data));
+        } else {
+            modules.add(&path, data);
+        }
+        Ok(())
+    })?;
+    let (image, version) = kernel.context("the kernel package contains no boot/vmlinu[xz]-*")?;
+    Ok((image, version, modules))
+}
+
+/// What dpkg's maintainer scripts would have created and the agent relies on.
+fn add_system_files(tree: &mut Tree) {
+    for (from, to) in [
+        ("usr/share/base-passwd/passwd.master", "etc/passwd"),
+        ("usr/share/base-passwd/group.master", "etc/group"),
+    ] {
+        if let (Some(Node::File { data, .. }), false) = (tree.get(from), tree.contains(to)) {
+            let data = data.clone();
+            tree.insert(to.into(), Node::File { mode: 0o644, data });
+        }
+    }
+    if !tree.contains("usr/bin/sh") {
+        tree.insert("usr/bin/sh".into(), Node::Symlink { target: "dash".into() });
+    }
+    for dir in ["dev", "proc", "sys", "run", "tmp", "root", "var/tmp", "mnt"] {
+        tree.insert(
+            dir.into(),
+            Node::Dir {
+                mode: if dir.ends_with("tmp") { 0o1777 } else { 0o755 },
+            },
+        );
+    }
+    // The kernel opens /dev/console for PID 1 before anything is mounted.
+    tree.insert(
+        "dev/console".into(),
+        Node::CharDevice {
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+    );
+    tree.insert(
+        "etc/hostname".into(),
+        Node::File {
+            mode: 0o644,
+            data: b"imgvm\n".to_vec(),
+        },
+    );
+}

@@ -1,0 +1,70 @@
+//! A client for Debian package archives that trusts nothing it downloads until it is
+//! verified: `InRelease` against the archive keys shipped with imgvm, every index and
+//! every `.deb` against the SHA256 sums the signed release lists. Verified files are kept
+//! in a content-addressed cache, so they are downloaded once.
+
+mod deb;
+mod fetch;
+mod packages;
+mod release;
+
+pub use deb::extract_data;
+pub use fetch::{hex, Fetcher, Stats};
+pub use packages::{Package, PackageIndex};
+
+use crate::arch::Arch;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+/// One suite of one mirror, e.g. `http://deb.debian.org/debian` `trixie`.
+pub struct Archive {
+    mirror: String,
+    suite: String,
+    fetcher: Fetcher,
+    cache: PathBuf,
+}
+
+impl Archive {
+    pub fn new(mirror: &str, suite: &str, cache: &Path, fetcher: Fetcher) -> Self {
+        Archive {
+            mirror: mirror.trim_end_matches('/').to_owned(),
+            suite: suite.to_owned(),
+            fetcher,
+            cache: cache.to_owned(),
+        }
+    }
+
+    pub fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
+    }
+
+    /// The verified package index of `main` for `arch` (which includes `Architecture: all`).
+    pub fn index(&self, arch: Arch) -> Result<PackageIndex> {
+        let url = format!("{}/dists/{}/InRelease", self.mirror, self.suite);
+        let signed = self.fetcher.get(&url).with_context(|| format!("fetching {url}"))?;
+        let release = release::Release::verify(&signed).with_context(|| format!("verifying the signature of {url}"))?;
+        let path = format!("main/binary-{}/Packages.xz", arch.debian());
+        let entry = release
+            .file(&path)
+            .with_context(|| format!("{url} lists no {path}: is `{}` a Debian suite?", self.suite))?;
+        let url = format!("{}/dists/{}/{path}", self.mirror, self.suite);
+        let file = self.cached(&url, &entry.sha256, entry.size)?;
+        let reader = liblzma::read::XzDecoder::new(std::fs::File::open(&file)?);
+        PackageIndex::parse(std::io::BufReader::new(reader)).with_context(|| format!("parsing {url}"))
+    }
+
+    /// The `.deb` of `package`, verified against the index, from the cache if it is there.
+    pub fn deb(&self, package: &Package) -> Result<PathBuf> {
+        let url = format!("{}/{}", self.mirror, package.filename);
+        self.cached(&url, &package.sha256, package.size)
+            .with_context(|| format!("downloading {} {}", package.name, package.version))
+    }
+
+    fn cached(&self, url: &str, sha256: &str, size: u64) -> Result<PathBuf> {
+        let path = self.cache.join("sha256").join(sha256);
+        if !path.exists() {
+            self.fetcher.download(url, sha256, size, &path)?;
+        }
+        Ok(path)
+    }
+}

@@ -1,0 +1,121 @@
+//! The helper VM as one thing: appliance, agent, VM and session, booted together, with
+//! the KVM probe and the fallback to TCG.
+
+use crate::appliance::Spec;
+use crate::arch::Arch;
+use crate::archive::Fetcher;
+use crate::session::Session;
+use crate::vm::{Accel, Vm, VmConfig};
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// How long a KVM boot may take before KVM is judged unusable on this host.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serial console lines shown when the helper VM fails to come up.
+const CONSOLE_TAIL: usize = 30;
+
+pub struct HelperOptions {
+    pub arch: Arch,
+    pub disks: Vec<PathBuf>,
+    pub memory_mib: u32,
+    pub cpus: Option<u32>,
+    pub boot_timeout: Duration,
+    pub mirror: Option<String>,
+    pub suite: Option<String>,
+}
+
+pub struct Helper {
+    pub vm: Vm,
+    pub session: Session,
+    /// Launch to agent handshake.
+    pub boot_time: Duration,
+}
+
+impl Helper {
+    pub async fn boot(options: &HelperOptions, fetcher: &Fetcher) -> Result<Helper> {
+        let arch = options.arch;
+        let spec = Spec::new(arch, options.mirror.as_deref(), options.suite.as_deref())?;
+        let fetcher = fetcher.clone();
+        let appliance = tokio::task::spawn_blocking(move || spec.ensure(&fetcher, false)).await??;
+        let agent = crate::agent::load(arch)?;
+        let initrd = appliance.initrd(&agent)?;
+        let mut config = VmConfig {
+            arch,
+            kernel: appliance.kernel(),
+            initrd,
+            disks: options.disks.clone(),
+            memory_mib: options.memory_mib,
+            cpus: options.cpus.unwrap_or_else(default_cpus),
+            accel: Accel::Tcg,
+        };
+        let (accel, why_not_kvm) = Accel::choose(arch);
+        if accel == Accel::Kvm {
+            config.accel = Accel::Kvm;
+            match Helper::start(&config, KVM_PROBE_TIMEOUT).await {
+                Ok(helper) => {
+                    Accel::record_probe(true);
+                    return Ok(helper);
+                }
+                Err(e) => {
+                    // Whatever went wrong, TCG may still work; remember not to try again.
+                    Accel::record_probe(false);
+                    let reason = format!("{e:#}");
+                    let reason = reason.lines().next().unwrap_or_default();
+                    tracing::warn!(
+                        "KVM did not boot the helper VM ({reason}); falling back to TCG (software emulation)"
+                    );
+                    config.accel = Accel::Tcg;
+                }
+            }
+        } else if let Some(why) = why_not_kvm {
+            tracing::info!("using TCG (software emulation, {} vCPUs): {why}", config.cpus);
+        }
+        Helper::start(&config, options.boot_timeout).await
+    }
+
+    async fn start(config: &VmConfig, timeout: Duration) -> Result<Helper> {
+        let started = Instant::now();
+        let spinner = crate::progress::spinner(format!("booting the {} helper VM", config.arch));
+        let mut vm = Vm::start(config).await?;
+        let result = async {
+            let (reader, writer) = vm.accept(timeout).await?;
+            let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_secs(5));
+            Ok::<_, anyhow::Error>(Session::connect(reader, writer, left).await?)
+        }
+        .await;
+        spinner.finish_and_clear();
+        match result {
+            Ok(session) => {
+                let boot_time = started.elapsed();
+                tracing::info!("helper VM up in {:.1} s ({:?})", boot_time.as_secs_f64(), config.accel);
+                Ok(Helper { vm, session, boot_time })
+            }
+            Err(e) => {
+                let tail = vm.console_tail(CONSOLE_TAIL);
+                drop(vm);
+                Err(e.context(format!(
+                    "the {} helper VM did not come up\n--- last lines of its serial console ---\n{tail}\n---",
+                    config.arch
+                )))
+            }
+        }
+    }
+
+    /// Ends the session and waits for the VM to power off.
+    pub async fn shutdown(self) -> Result<()> {
+        self.session.shutdown().await;
+        self.vm
+            .shutdown(Duration::from_secs(30))
+            .await
+            .context("stopping the helper VM")
+    }
+}
+
+fn default_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+        .min(8)
+}

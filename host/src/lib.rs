@@ -1,0 +1,34 @@
+//! imgvm's host side: from a request on the command line to a helper VM doing the work.
+//!
+//! - [`archive`] fetches and verifies Debian packages,
+//! - [`appliance`] assembles the helper VM's kernel and initramfs from them,
+//! - [`vm`] boots it with qemu and a vsock transport,
+//! - [`session`] speaks the protocol to the agent inside,
+//! - [`helper`] ties those together, and [`run`] is `imgvm run` on top.
+
+pub mod agent;
+pub mod appliance;
+pub mod arch;
+pub mod archive;
+pub mod cache;
+pub mod doctor;
+pub mod helper;
+pub mod progress;
+pub mod run;
+pub mod session;
+pub mod vm;
+
+use std::path::PathBuf;
+
+/// The first executable called `name` on `PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| PathBuf::from(dir).join(name))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}

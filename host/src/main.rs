@@ -1,0 +1,219 @@
+//! The `imgvm` command line.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use imgvm::arch::Arch;
+use imgvm::helper::HelperOptions;
+use imgvm::run::{CopySpec, RunRequest};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Build operating-system disk images without root, in a helper VM.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// More detail in the log (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Log lines as text or as JSON objects (for CI).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check this machine for everything imgvm needs and say what to install.
+    Doctor,
+    /// Boot the helper VM and run a command in it (the debugging entry point).
+    Run(RunArgs),
+    /// Assemble or inspect the helper VM's appliance.
+    #[command(subcommand)]
+    Appliance(ApplianceCmd),
+}
+
+#[derive(clap::Args)]
+struct VmArgs {
+    /// Architecture of the helper VM: amd64, arm64 or ppc64el.
+    #[arg(long, default_value_t = Arch::host().unwrap_or(Arch::Amd64))]
+    arch: Arch,
+    /// Debian mirror for the appliance's packages.
+    #[arg(long, env = "IMGVM_MIRROR")]
+    mirror: Option<String>,
+    /// Debian suite for the appliance's packages.
+    #[arg(long, env = "IMGVM_SUITE")]
+    suite: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Attach a disk image (raw or qcow2) as /dev/vda, /dev/vdb, ... in order.
+    #[arg(long = "disk", value_name = "FILE")]
+    disks: Vec<PathBuf>,
+    /// Copy a host file or directory into the VM before the command: HOST:GUEST.
+    #[arg(long, value_name = "HOST:GUEST")]
+    copy_in: Vec<CopySpec>,
+    /// Copy a file out of the VM after the command: GUEST:HOST (a GUEST/ directory comes
+    /// out as a tar archive).
+    #[arg(long, value_name = "GUEST:HOST")]
+    copy_out: Vec<CopySpec>,
+    /// Forward this process's standard input to the command.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Memory of the helper VM in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+    /// vCPUs of the helper VM (default: the host's cores, at most 8).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Seconds to wait for the agent to come up.
+    #[arg(long, default_value_t = 180)]
+    boot_timeout: u64,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum ApplianceCmd {
+    /// Download and assemble the appliance (again, with --refresh).
+    Build {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Re-resolve packages from the mirror even if an appliance is cached.
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Show the cached appliance: kernel, modules and packages.
+    Info {
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.log_format);
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Cmd) -> Result<u8> {
+    match command {
+        Cmd::Doctor => Ok(if imgvm::doctor::run() { 0 } else { 1 }),
+        Cmd::Run(args) => run(args).await,
+        Cmd::Appliance(ApplianceCmd::Build { vm, refresh }) => {
+            let spec = imgvm::appliance::Spec::new(vm.arch, vm.mirror.as_deref(), vm.suite.as_deref())?;
+            let fetcher = imgvm::archive::Fetcher::default();
+            let stats = fetcher.clone();
+            let appliance = tokio::task::spawn_blocking(move || spec.ensure(&fetcher, refresh)).await??;
+            tracing::info!(
+                downloaded_files = stats.stats().files(),
+                downloaded_bytes = stats.stats().bytes(),
+                "appliance {}",
+                appliance.dir.display()
+            );
+            println!("{}", appliance.dir.display());
+            Ok(0)
+        }
+        Cmd::Appliance(ApplianceCmd::Info { vm }) => {
+            let spec = imgvm::appliance::Spec::new(vm.arch, vm.mirror.as_deref(), vm.suite.as_deref())?;
+            let Some(appliance) = spec.cached() else {
+                anyhow::bail!(
+                    "no {} appliance is cached yet: run `imgvm appliance build --arch {}`",
+                    vm.arch,
+                    vm.arch
+                );
+            };
+            println!("{}", serde_json::to_string_pretty(&appliance.manifest)?);
+            Ok(0)
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> Result<u8> {
+    let request = RunRequest {
+        helper: HelperOptions {
+            arch: args.vm.arch,
+            disks: args.disks,
+            memory_mib: args.memory,
+            cpus: args.cpus,
+            boot_timeout: Duration::from_secs(args.boot_timeout),
+            mirror: args.vm.mirror,
+            suite: args.vm.suite,
+        },
+        copy_in: args.copy_in,
+        copy_out: args.copy_out,
+        stdin: args.interactive,
+        argv: args.command,
+    };
+    let cancel = CancellationToken::new();
+    let abort = std::sync::Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(watch_signals(cancel.clone(), abort.clone()));
+    // A first signal cancels cleanly; a second drops everything, which kills the VM.
+    let code = tokio::select! {
+        code = imgvm::run::run(request, cancel) => code?,
+        _ = abort.notified() => 130,
+    };
+    Ok(code.clamp(0, 255) as u8)
+}
+
+async fn watch_signals(cancel: CancellationToken, abort: std::sync::Arc<tokio::sync::Notify>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+            _ = hup.recv() => {}
+        }
+        if cancel.is_cancelled() {
+            abort.notify_one();
+        } else {
+            tracing::warn!("stopping (press Ctrl-C again to abort at once)");
+            cancel.cancel();
+        }
+    }
+}
+
+fn init_logging(verbose: u8, format: LogFormat) {
+    let level = match verbose {
+        0 => "imgvm=info,warn",
+        1 => "imgvm=debug,info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IMGVM_LOG").unwrap_or_else(|_| level.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).without_time().init(),
+    }
+}

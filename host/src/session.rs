@@ -1,0 +1,378 @@
+//! The host's side of the protocol: handshake, then any number of concurrent requests.
+//!
+//! One task reads frames and routes them to the request they belong to; one task writes.
+//! Everything the guest sends is untrusted: frames are size-checked before they are
+//! buffered, unknown request ids are ignored, and a malformed frame ends the session with
+//! an error rather than a guess.
+
+use imgvm_protocol::{
+    decode, encode, payload_len, Command, Event, GuestMessage, Handshake, HostMessage, Operation, OperationError,
+    Outcome, RequestId, Transfer, CHUNK_LEN, FRAME_HEADER_LEN, PROTOCOL_VERSION, STREAM_WINDOW,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SessionError {
+    #[error("the agent did not complete the handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("the agent speaks protocol version {agent}, this imgvm version {PROTOCOL_VERSION}: rebuild the agent")]
+    Version { agent: u32 },
+    #[error("the agent sent an invalid message: {0}")]
+    Protocol(String),
+    #[error("lost the connection to the agent: {0}")]
+    Lost(String),
+}
+
+type Route = mpsc::UnboundedSender<GuestMessage>;
+
+pub struct Session {
+    out: mpsc::Sender<HostMessage>,
+    routes: Arc<Mutex<HashMap<RequestId, Route>>>,
+    /// Why the session ended, once it has.
+    broken: Arc<Mutex<Option<SessionError>>>,
+    next_id: AtomicU32,
+    pub handshake: Handshake,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+/// One request in flight: its incoming messages and the means to talk back.
+pub struct Request<'a> {
+    pub id: RequestId,
+    rx: mpsc::UnboundedReceiver<GuestMessage>,
+    session: &'a Session,
+}
+
+/// How a request ended: the agent's outcome or its structured error.
+pub type Reply = Result<Outcome, OperationError>;
+
+impl Session {
+    /// Waits for the agent's hello, checks its protocol version and welcomes it.
+    pub async fn connect(
+        mut reader: impl AsyncRead + Send + Unpin + 'static,
+        mut writer: impl AsyncWrite + Send + Unpin + 'static,
+        timeout: Duration,
+    ) -> Result<Session, SessionError> {
+        let hello = tokio::time::timeout(timeout, read_message(&mut reader))
+            .await
+            .map_err(|_| SessionError::HandshakeTimeout(timeout))??;
+        let handshake = match hello {
+            Some(GuestMessage::Hello(h)) => h,
+            Some(other) => return Err(SessionError::Protocol(format!("expected hello, got {other:?}"))),
+            None => {
+                return Err(SessionError::Lost(
+                    "the agent closed the connection before its hello".into(),
+                ))
+            }
+        };
+        if handshake.protocol_version != PROTOCOL_VERSION {
+            return Err(SessionError::Version {
+                agent: handshake.protocol_version,
+            });
+        }
+        let (out, mut outbox) = mpsc::channel::<HostMessage>(64);
+        let routes: Arc<Mutex<HashMap<RequestId, Route>>> = Arc::default();
+        let broken: Arc<Mutex<Option<SessionError>>> = Arc::default();
+        let fail = {
+            let (routes, broken) = (routes.clone(), broken.clone());
+            move |e: SessionError| {
+                broken.lock().unwrap().get_or_insert(e);
+                // Dropping the senders wakes every waiting request.
+                routes.lock().unwrap().clear();
+            }
+        };
+        let writer_fail = fail.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(message) = outbox.recv().await {
+                let frame = encode(&message).expect("host messages fit in a frame");
+                if let Err(e) = writer.write_all(&frame).await {
+                    writer_fail(SessionError::Lost(e.to_string()));
+                    return;
+                }
+            }
+            let _ = writer.shutdown().await;
+        });
+        out.send(HostMessage::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+        })
+        .await
+        .map_err(|_| SessionError::Lost("writer stopped".into()))?;
+        let reader_routes = routes.clone();
+        tokio::spawn(async move {
+            loop {
+                match read_message(&mut reader).await {
+                    Ok(Some(GuestMessage::Hello(_))) => {
+                        break fail(SessionError::Protocol("a second hello".into()));
+                    }
+                    Ok(Some(message)) => {
+                        let id = message_id(&message);
+                        let mut routes = reader_routes.lock().unwrap();
+                        let done = matches!(message, GuestMessage::Done { .. });
+                        if let Some(route) = routes.get(&id) {
+                            let _ = route.send(message);
+                        }
+                        if done {
+                            routes.remove(&id);
+                        }
+                    }
+                    Ok(None) => break fail(SessionError::Lost("the agent closed the connection".into())),
+                    Err(e) => break fail(e),
+                }
+            }
+        });
+        tracing::info!(
+            "agent {} ready: {} kernel {}",
+            handshake.agent_version,
+            handshake.machine,
+            handshake.kernel
+        );
+        Ok(Session {
+            out,
+            routes,
+            broken,
+            next_id: AtomicU32::new(1),
+            handshake,
+            writer,
+        })
+    }
+
+    fn error(&self) -> SessionError {
+        self.broken
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| SessionError::Lost("the session ended".into()))
+    }
+
+    async fn send(&self, message: HostMessage) -> Result<(), SessionError> {
+        self.out.send(message).await.map_err(|_| self.error())
+    }
+
+    pub async fn start(&self, operation: Operation) -> Result<Request<'_>, SessionError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            if let Some(e) = self.broken.lock().unwrap().clone() {
+                return Err(e);
+            }
+            self.routes.lock().unwrap().insert(id, tx);
+        }
+        self.send(HostMessage::Request { id, operation }).await?;
+        Ok(Request { id, rx, session: self })
+    }
+
+    /// Runs a command, handing each output line or progress event to `on_event`, and
+    /// feeding it `stdin` if given. Cancelling `cancel` stops the command in the guest.
+    pub async fn run(
+        &self,
+        command: Command,
+        stdin: Option<Box<dyn AsyncRead + Send + Unpin + '_>>,
+        mut on_event: impl FnMut(Event),
+        cancel: &CancellationToken,
+    ) -> Result<Reply, SessionError> {
+        let command = Command {
+            stdin: stdin.is_some(),
+            ..command
+        };
+        let mut request = self.start(Operation::Run(command)).await?;
+        match stdin {
+            Some(input) => request.feed(input, &mut on_event, cancel).await,
+            None => request.finish(&mut on_event, cancel).await,
+        }
+    }
+
+    /// Streams `source` into the guest as `path` (a file, or a directory for a tar stream).
+    pub async fn upload(
+        &self,
+        source: impl AsyncRead + Send + Unpin,
+        path: &str,
+        format: Transfer,
+        mode: u32,
+        cancel: &CancellationToken,
+    ) -> Result<Reply, SessionError> {
+        let mut request = self
+            .start(Operation::Upload {
+                path: path.to_owned(),
+                format,
+                mode,
+            })
+            .await?;
+        request.feed(Box::new(source), &mut |_| {}, cancel).await
+    }
+
+    /// Streams the guest's `path` into `sink`.
+    pub async fn download(
+        &self,
+        path: &str,
+        format: Transfer,
+        sink: &mut (impl AsyncWrite + Unpin),
+        cancel: &CancellationToken,
+    ) -> Result<Reply, SessionError> {
+        let mut request = self
+            .start(Operation::Download {
+                path: path.to_owned(),
+                format,
+            })
+            .await?;
+        let mut cancelled = false;
+        loop {
+            let message = tokio::select! {
+                m = request.next() => m?,
+                _ = cancel.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    request.cancel().await?;
+                    continue;
+                }
+            };
+            match message {
+                GuestMessage::Data { chunk, .. } => {
+                    sink.write_all(&chunk)
+                        .await
+                        .map_err(|e| SessionError::Lost(format!("writing download: {e}")))?;
+                    self.send(HostMessage::Credit {
+                        id: request.id,
+                        bytes: chunk.len() as u64,
+                    })
+                    .await?;
+                }
+                GuestMessage::Done { result, .. } => {
+                    sink.flush()
+                        .await
+                        .map_err(|e| SessionError::Lost(format!("writing download: {e}")))?;
+                    return Ok(result);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Tells the agent there is nothing more to do, so it syncs and powers off.
+    pub async fn shutdown(self) {
+        let _ = self.out.send(HostMessage::Shutdown).await;
+        drop(self.out);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.writer).await;
+    }
+}
+
+impl Request<'_> {
+    /// The next message for this request.
+    pub async fn next(&mut self) -> Result<GuestMessage, SessionError> {
+        self.rx.recv().await.ok_or_else(|| self.session.error())
+    }
+
+    pub async fn cancel(&self) -> Result<(), SessionError> {
+        self.session.send(HostMessage::Cancel { id: self.id }).await
+    }
+
+    /// Sends `input` as the request's data stream within the credit window, then waits
+    /// for the request to end.
+    async fn feed(
+        &mut self,
+        mut input: Box<dyn AsyncRead + Send + Unpin + '_>,
+        on_event: &mut impl FnMut(Event),
+        cancel: &CancellationToken,
+    ) -> Result<Reply, SessionError> {
+        let (mut sent, mut credited) = (0u64, 0u64);
+        let mut buf = vec![0u8; CHUNK_LEN];
+        loop {
+            // Wait for credit (and handle whatever else arrives) while the window is full.
+            while sent - credited + CHUNK_LEN as u64 > STREAM_WINDOW {
+                tokio::select! {
+                    m = self.next() => match m? {
+                        GuestMessage::Credit { bytes, .. } => credited += bytes,
+                        GuestMessage::Done { result, .. } => return Ok(result),
+                        GuestMessage::Event { event, .. } => on_event(event),
+                        _ => {}
+                    },
+                    _ = cancel.cancelled() => {
+                        self.cancel().await?;
+                        return self.finish(on_event, &CancellationToken::new()).await;
+                    }
+                }
+            }
+            let n = tokio::select! {
+                n = input.read(&mut buf) => n.map_err(|e| SessionError::Lost(format!("reading input: {e}")))?,
+                _ = cancel.cancelled() => {
+                    self.cancel().await?;
+                    return self.finish(on_event, &CancellationToken::new()).await;
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            self.session
+                .send(HostMessage::Data {
+                    id: self.id,
+                    chunk: buf[..n].to_vec(),
+                })
+                .await?;
+            sent += n as u64;
+        }
+        self.session.send(HostMessage::EndOfData { id: self.id }).await?;
+        self.finish(on_event, cancel).await
+    }
+
+    /// Waits for the request to end, passing on its events.
+    async fn finish(
+        &mut self,
+        on_event: &mut impl FnMut(Event),
+        cancel: &CancellationToken,
+    ) -> Result<Reply, SessionError> {
+        let mut cancelled = false;
+        loop {
+            let message = tokio::select! {
+                m = self.next() => m?,
+                _ = cancel.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    self.cancel().await?;
+                    continue;
+                }
+            };
+            match message {
+                GuestMessage::Event { event, .. } => on_event(event),
+                GuestMessage::Done { result, .. } => return Ok(result),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Drop for Request<'_> {
+    fn drop(&mut self) {
+        self.session.routes.lock().unwrap().remove(&self.id);
+    }
+}
+
+fn message_id(message: &GuestMessage) -> RequestId {
+    match message {
+        GuestMessage::Hello(_) => 0,
+        GuestMessage::Event { id, .. }
+        | GuestMessage::Data { id, .. }
+        | GuestMessage::EndOfData { id }
+        | GuestMessage::Credit { id, .. }
+        | GuestMessage::Done { id, .. } => *id,
+    }
+}
+
+async fn read_message(reader: &mut (impl AsyncRead + Unpin)) -> Result<Option<GuestMessage>, SessionError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    match reader.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(SessionError::Lost(e.to_string())),
+    }
+    let len = payload_len(header).map_err(|e| SessionError::Protocol(e.to_string()))?;
+    let mut payload = vec![0u8; len];
+    reader
+        .read_exact(&mut payload)
+        .await
+        .map_err(|e| SessionError::Lost(e.to_string()))?;
+    decode(&payload)
+        .map(Some)
+        .map_err(|e| SessionError::Protocol(e.to_string()))
+}

@@ -1,0 +1,205 @@
+//! Booting the helper VM: qemu with the appliance's kernel and initramfs, the user's
+//! disks as virtio-blk, a vsock transport to reach the agent, QMP to control it and the
+//! serial console captured to a file whose tail explains failures.
+//!
+//! Everything a VM owns (qemu, the vsock device process, sockets, the console log) lives
+//! in one temporary directory and dies with [`Vm`], on success, error or Ctrl-C alike.
+
+mod accel;
+mod console;
+mod qmp;
+pub mod vsock;
+
+pub use accel::Accel;
+
+use crate::arch::Arch;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+pub struct VmConfig {
+    pub arch: Arch,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub disks: Vec<PathBuf>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: Accel,
+}
+
+/// A running helper VM. Dropping it kills qemu and the vsock device and removes the
+/// run directory.
+pub struct Vm {
+    qemu: Child,
+    transport: vsock::Transport,
+    console: console::Console,
+    qmp_path: PathBuf,
+    pub accel: Accel,
+    // Last: removed after the processes that use it are gone.
+    _dir: tempfile::TempDir,
+}
+
+/// Why the agent could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("the helper VM did not connect within {0:?}")]
+    Timeout(Duration),
+    #[error("qemu exited before the agent connected ({0})")]
+    Exited(String),
+}
+
+impl Vm {
+    pub async fn start(config: &VmConfig) -> Result<Vm> {
+        let dir = tempfile::Builder::new()
+            .prefix("imgvm-")
+            .tempdir()
+            .context("creating the run directory")?;
+        let mut last_error = None;
+        // Only the kernel vsock device can collide (on its CID); retry with another.
+        for _ in 0..5 {
+            let transport = vsock::Transport::start(dir.path()).await?;
+            match Vm::launch(config, dir.path(), &transport).await {
+                Ok((qemu, console)) => {
+                    return Ok(Vm {
+                        qemu,
+                        transport,
+                        console,
+                        qmp_path: dir.path().join("qmp.sock"),
+                        accel: config.accel,
+                        _dir: dir,
+                    })
+                }
+                Err(e) if e.to_string().contains("unable to set guest cid") => last_error = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.expect("loop ran"))
+    }
+
+    async fn launch(config: &VmConfig, dir: &Path, transport: &vsock::Transport) -> Result<(Child, console::Console)> {
+        let arch = config.arch;
+        let console = console::Console::new(dir.join("console.log"));
+        let mem = format!("{}M", config.memory_mib);
+        let mut cmd = Command::new(arch.qemu_binary());
+        cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .args(arch.machine_args(config.accel == Accel::Kvm))
+            .args(["-accel", config.accel.qemu_arg()])
+            .args(["-m", &mem, "-smp", &config.cpus.to_string()])
+            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
+            .arg("-kernel")
+            .arg(&config.kernel)
+            .arg("-initrd")
+            .arg(&config.initrd)
+            .args([
+                "-append",
+                &format!(
+                    "console={} panic=-1 quiet imgvm.port={}",
+                    arch.console(),
+                    transport.port()
+                ),
+            ])
+            .args([
+                "-chardev",
+                &format!("file,id=console,path={}", console.path().display()),
+            ])
+            .args(["-serial", "chardev:console"])
+            .args([
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
+            ])
+            .args(transport.qemu_args());
+        for (i, disk) in config.disks.iter().enumerate() {
+            let format = disk_format(disk)?;
+            let mut spec = std::ffi::OsString::from("file=");
+            spec.push(escape_option(disk));
+            spec.push(format!(
+                ",format={format},if=none,id=disk{i},cache=unsafe,discard=unmap"
+            ));
+            cmd.arg("-drive").arg(spec);
+            cmd.args(["-device", &format!("virtio-blk-pci,drive=disk{i},serial=disk{i}")]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        tracing::debug!("starting {:?}", cmd.as_std());
+        let mut qemu = cmd
+            .spawn()
+            .with_context(|| format!("cannot run {} (see `imgvm doctor`)", arch.qemu_binary()))?;
+        // qemu answers QMP only once the machine is built, so a running QMP means the
+        // command line was accepted; an early exit carries qemu's reason on stderr.
+        let stderr = qemu.stderr.take();
+        let up = qmp::wait_ready(&dir.join("qmp.sock"), &mut qemu).await;
+        if let Err(e) = up {
+            let mut text = String::new();
+            if let Some(mut stderr) = stderr {
+                let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+            }
+            bail!("{e}: {}", text.trim());
+        }
+        Ok((qemu, console))
+    }
+
+    /// Waits for the agent to connect, or for the VM to fail trying.
+    pub async fn accept(&mut self, timeout: Duration) -> Result<vsock::Connection, BootError> {
+        tokio::select! {
+            conn = self.transport.accept() => conn.map_err(|e| BootError::Exited(format!("vsock: {e}"))),
+            status = self.qemu.wait() => Err(BootError::Exited(match status {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            })),
+            _ = tokio::time::sleep(timeout) => Err(BootError::Timeout(timeout)),
+        }
+    }
+
+    /// The last lines the VM printed on its serial console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        self.console.tail(lines)
+    }
+
+    /// Waits for the guest to power itself off; asks qemu to quit over QMP if it does
+    /// not within `grace`, and kills it if that fails too.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<()> {
+        if tokio::time::timeout(grace, self.qemu.wait()).await.is_err() {
+            tracing::warn!("the helper VM did not power off within {grace:?}; stopping it over QMP");
+            let quit = qmp::quit(&self.qmp_path);
+            if tokio::time::timeout(Duration::from_secs(5), quit).await.is_err()
+                || tokio::time::timeout(Duration::from_secs(5), self.qemu.wait())
+                    .await
+                    .is_err()
+            {
+                let _ = self.qemu.kill().await;
+            }
+        }
+        self.transport.stop().await;
+        Ok(())
+    }
+
+    /// The state qemu reports over QMP (`running`, `shutdown`, ...).
+    pub async fn status(&self) -> Result<String> {
+        qmp::status(&self.qmp_path).await
+    }
+}
+
+/// qcow2 files are recognised by their magic; everything else is attached raw.
+fn disk_format(path: &Path) -> Result<&'static str> {
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open disk {}", path.display()))?;
+    let n = std::io::Read::read(&mut file, &mut magic)?;
+    Ok(if n == 4 && magic == *b"QFI\xfb" { "qcow2" } else { "raw" })
+}
+
+/// qemu's option syntax uses commas as separators; a literal comma is doubled.
+fn escape_option(path: &Path) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::new();
+    for &b in path.as_os_str().as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+}

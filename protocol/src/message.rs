@@ -1,0 +1,187 @@
+//! The messages themselves. Every request carries a host-chosen id; everything the guest
+//! says about that request carries the same id.
+
+use serde::{Deserialize, Serialize};
+
+pub type RequestId = u32;
+
+/// Host to guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMessage {
+    /// Answer to the guest's hello: the host accepts the agent and will send requests.
+    Welcome {
+        protocol_version: u32,
+    },
+    Request {
+        id: RequestId,
+        operation: Operation,
+    },
+    /// A chunk of the request's input stream (stdin of a command, an uploaded file).
+    Data {
+        id: RequestId,
+        chunk: Vec<u8>,
+    },
+    /// The request's input stream is complete.
+    EndOfData {
+        id: RequestId,
+    },
+    /// The host consumed `bytes` of the request's output stream.
+    Credit {
+        id: RequestId,
+        bytes: u64,
+    },
+    /// Stop the request; it still ends with a [`GuestMessage::Done`].
+    Cancel {
+        id: RequestId,
+    },
+    /// No more requests: sync the disks and power off.
+    Shutdown,
+}
+
+/// Guest to host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMessage {
+    Hello(Handshake),
+    Event {
+        id: RequestId,
+        event: Event,
+    },
+    /// A chunk of the request's output stream (a downloaded file or tar stream).
+    Data {
+        id: RequestId,
+        chunk: Vec<u8>,
+    },
+    EndOfData {
+        id: RequestId,
+    },
+    /// The guest consumed `bytes` of the request's input stream.
+    Credit {
+        id: RequestId,
+        bytes: u64,
+    },
+    /// The request ended. No message with this id follows.
+    Done {
+        id: RequestId,
+        result: Result<Outcome, OperationError>,
+    },
+}
+
+/// What the agent says about itself before anything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handshake {
+    pub protocol_version: u32,
+    pub agent_version: String,
+    /// `uname -m` of the guest.
+    pub machine: String,
+    /// `uname -r` of the guest.
+    pub kernel: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operation {
+    Run(Command),
+    /// Write the request's input stream to `path` (a file, or with `Tar` a directory the
+    /// stream is unpacked into).
+    Upload {
+        path: String,
+        format: Transfer,
+        mode: u32,
+    },
+    /// Send `path` (a file or block device, or with `Tar` a directory packed as a tar
+    /// stream) as the request's output stream.
+    Download {
+        path: String,
+        format: Transfer,
+    },
+    ListBlockDevices,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Transfer {
+    File,
+    Tar,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    /// Whether the host streams stdin as `Data`; otherwise stdin is `/dev/null`.
+    pub stdin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// One line of output, without its newline. Lines over [`crate::MAX_LINE_LEN`] arrive
+    /// in pieces.
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Progress {
+        done: u64,
+        total: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The command exited with status 0..=255.
+    Exited {
+        code: i32,
+    },
+    Transferred {
+        bytes: u64,
+    },
+    BlockDevices(Vec<BlockDevice>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDevice {
+    /// Kernel name, e.g. `vda`.
+    pub name: String,
+    pub size_bytes: u64,
+    pub read_only: bool,
+    /// The serial the host gave the disk, which is how it finds its disks again.
+    pub serial: Option<String>,
+}
+
+/// Why an operation failed, with what the host needs to tell the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationError {
+    pub operation: String,
+    pub kind: ErrorKind,
+    pub message: String,
+    pub errno: Option<i32>,
+    /// Exit code when a command failed, or the signal number as `128 + n` when it was killed.
+    pub exit_code: Option<i32>,
+    pub stderr_tail: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// A command ran and exited non-zero or was killed.
+    CommandFailed,
+    /// A system call or I/O failed (see `errno`).
+    Io,
+    /// The request made no sense (bad path, unknown device, reused id).
+    InvalidRequest,
+    Cancelled,
+}
+
+impl std::fmt::Display for OperationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.operation, self.message)?;
+        if let Some(errno) = self.errno {
+            write!(f, " (errno {errno})")?;
+        }
+        if !self.stderr_tail.is_empty() {
+            write!(f, "\nlast lines of stderr:")?;
+            for line in &self.stderr_tail {
+                write!(f, "\n  {line}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for OperationError {}

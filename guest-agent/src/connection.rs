@@ -47,6 +47,12 @@ pub fn serve() -> Result<(), String> {
         Ok(other) => return Err(format!("expected welcome from host, got {other:?}")),
         Err(e) => return Err(format!("reading welcome: {e}")),
     }
+    let heartbeat = writer.clone();
+    std::thread::spawn(move || {
+        while heartbeat.send(&GuestMessage::Heartbeat).is_ok() {
+            std::thread::sleep(imgvm_protocol::HEARTBEAT_INTERVAL);
+        }
+    });
     let routes: Routes = Arc::default();
     let result = loop {
         let message = match blocking::read::<HostMessage>(&mut stream) {

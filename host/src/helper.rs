@@ -24,6 +24,8 @@ pub struct HelperOptions {
     pub boot_timeout: Duration,
     pub mirror: Option<String>,
     pub suite: Option<String>,
+    /// Boot an initramfs with nothing but the agent and its modules (for measuring).
+    pub bare: bool,
 }
 
 pub struct Helper {
@@ -38,9 +40,16 @@ impl Helper {
         let arch = options.arch;
         let spec = Spec::new(arch, options.mirror.as_deref(), options.suite.as_deref())?;
         let fetcher = fetcher.clone();
+        let stats = fetcher.clone();
         let appliance = tokio::task::spawn_blocking(move || spec.ensure(&fetcher, false)).await??;
+        tracing::info!(
+            downloaded_files = stats.stats().files(),
+            downloaded_bytes = stats.stats().bytes(),
+            "appliance {}",
+            appliance.dir.display()
+        );
         let agent = crate::agent::load(arch)?;
-        let initrd = appliance.initrd(&agent)?;
+        let initrd = appliance.initrd(&agent, options.bare)?;
         let mut config = VmConfig {
             arch,
             kernel: appliance.kernel(),
@@ -82,7 +91,7 @@ impl Helper {
         let result = async {
             let (reader, writer) = vm.accept(timeout).await?;
             let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_secs(5));
-            Ok::<_, anyhow::Error>(Session::connect(reader, writer, left).await?)
+            Ok::<_, anyhow::Error>(Session::connect(reader, writer, left, crate::session::SILENCE_LIMIT).await?)
         }
         .await;
         spinner.finish_and_clear();

@@ -72,7 +72,7 @@ struct RunArgs {
     #[arg(short, long)]
     interactive: bool,
     /// Memory of the helper VM in MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 2048)]
     memory: u32,
     /// vCPUs of the helper VM (default: the host's cores, at most 8).
     #[arg(long)]
@@ -99,6 +99,15 @@ enum ApplianceCmd {
     Info {
         #[command(flatten)]
         vm: VmArgs,
+    },
+    /// Boot the helper VM, print the seconds from launch to the agent's handshake, and
+    /// power it off.
+    BootTime {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Boot the kernel with only the agent and its modules, without the userland.
+        #[arg(long)]
+        bare: bool,
     },
 }
 
@@ -136,6 +145,16 @@ async fn dispatch(command: Cmd) -> Result<u8> {
             println!("{}", appliance.dir.display());
             Ok(0)
         }
+        Cmd::Appliance(ApplianceCmd::BootTime { vm, bare }) => {
+            let options = HelperOptions {
+                bare,
+                ..helper_options(vm, Vec::new(), 2048, None, 180)
+            };
+            let helper = imgvm::helper::Helper::boot(&options, &imgvm::archive::Fetcher::default()).await?;
+            println!("{:.3}", helper.boot_time.as_secs_f64());
+            helper.shutdown().await?;
+            Ok(0)
+        }
         Cmd::Appliance(ApplianceCmd::Info { vm }) => {
             let spec = imgvm::appliance::Spec::new(vm.arch, vm.mirror.as_deref(), vm.suite.as_deref())?;
             let Some(appliance) = spec.cached() else {
@@ -153,15 +172,7 @@ async fn dispatch(command: Cmd) -> Result<u8> {
 
 async fn run(args: RunArgs) -> Result<u8> {
     let request = RunRequest {
-        helper: HelperOptions {
-            arch: args.vm.arch,
-            disks: args.disks,
-            memory_mib: args.memory,
-            cpus: args.cpus,
-            boot_timeout: Duration::from_secs(args.boot_timeout),
-            mirror: args.vm.mirror,
-            suite: args.vm.suite,
-        },
+        helper: helper_options(args.vm, args.disks, args.memory, args.cpus, args.boot_timeout),
         copy_in: args.copy_in,
         copy_out: args.copy_out,
         stdin: args.interactive,
@@ -176,6 +187,19 @@ async fn run(args: RunArgs) -> Result<u8> {
         _ = abort.notified() => 130,
     };
     Ok(code.clamp(0, 255) as u8)
+}
+
+fn helper_options(vm: VmArgs, disks: Vec<PathBuf>, memory_mib: u32, cpus: Option<u32>, timeout: u64) -> HelperOptions {
+    HelperOptions {
+        arch: vm.arch,
+        disks,
+        memory_mib,
+        cpus,
+        boot_timeout: Duration::from_secs(timeout),
+        mirror: vm.mirror,
+        suite: vm.suite,
+        bare: false,
+    }
 }
 
 async fn watch_signals(cancel: CancellationToken, abort: std::sync::Arc<tokio::sync::Notify>) {

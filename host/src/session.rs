@@ -27,7 +27,14 @@ pub enum SessionError {
     Protocol(String),
     #[error("lost the connection to the agent: {0}")]
     Lost(String),
+    #[error("the agent has not been heard from for {0:?}: the helper VM is hung or overloaded")]
+    Silent(Duration),
 }
+
+/// How long the agent may stay silent (it sends a heartbeat every
+/// [`imgvm_protocol::HEARTBEAT_INTERVAL`]) before the session is declared dead. Generous,
+/// because a guest under emulation on a loaded host can stall for a while.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 
 type Route = mpsc::UnboundedSender<GuestMessage>;
 
@@ -57,6 +64,7 @@ impl Session {
         mut reader: impl AsyncRead + Send + Unpin + 'static,
         mut writer: impl AsyncWrite + Send + Unpin + 'static,
         timeout: Duration,
+        silence_limit: Duration,
     ) -> Result<Session, SessionError> {
         let hello = tokio::time::timeout(timeout, read_message(&mut reader))
             .await
@@ -105,7 +113,11 @@ impl Session {
         let reader_routes = routes.clone();
         tokio::spawn(async move {
             loop {
-                match read_message(&mut reader).await {
+                let Ok(message) = tokio::time::timeout(silence_limit, read_message(&mut reader)).await else {
+                    break fail(SessionError::Silent(silence_limit));
+                };
+                match message {
+                    Ok(Some(GuestMessage::Heartbeat)) => {}
                     Ok(Some(GuestMessage::Hello(_))) => {
                         break fail(SessionError::Protocol("a second hello".into()));
                     }
@@ -350,7 +362,7 @@ impl Drop for Request<'_> {
 
 fn message_id(message: &GuestMessage) -> RequestId {
     match message {
-        GuestMessage::Hello(_) => 0,
+        GuestMessage::Hello(_) | GuestMessage::Heartbeat => 0,
         GuestMessage::Event { id, .. }
         | GuestMessage::Data { id, .. }
         | GuestMessage::EndOfData { id }

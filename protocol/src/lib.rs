@@ -34,5 +34,8 @@ pub const STREAM_WINDOW: u64 = 8 * CHUNK_LEN as u64;
 /// Longest output line sent as one event; longer lines are split.
 pub const MAX_LINE_LEN: usize = 8 * 1024;
 
+/// How often the agent says it is alive.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How many stderr lines an error report carries.
 pub const STDERR_TAIL_LINES: usize = 20;

@@ -64,6 +64,9 @@ pub enum GuestMessage {
         id: RequestId,
         result: Result<Outcome, OperationError>,
     },
+    /// Sent every [`crate::HEARTBEAT_INTERVAL`], so the host can tell a busy guest from a
+    /// hung one.
+    Heartbeat,
 }
 
 /// What the agent says about itself before anything else.

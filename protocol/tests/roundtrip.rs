@@ -107,6 +107,7 @@ fn guest_message() -> impl Strategy<Value = GuestMessage> {
         (any::<u32>(), any::<u64>()).prop_map(|(id, bytes)| GuestMessage::Credit { id, bytes }),
         (any::<u32>(), prop_oneof![outcome.prop_map(Ok), error().prop_map(Err)])
             .prop_map(|(id, result)| GuestMessage::Done { id, result }),
+        Just(GuestMessage::Heartbeat),
     ]
 }
 

@@ -1,1 +1,106 @@
-fn main() {}
+//! `cargo xtask`: the project's own automation (see the `cargo xtask` convention).
+//!
+//! - `setup`   installs what imgvm and its tests need on a Debian/Ubuntu machine
+//! - `agents`  cross-builds the guest agent for every architecture
+//! - `test`    setup + agents + the whole test suite (what CI runs)
+//! - `bench`   boot and build benchmarks
+
+mod bench;
+mod setup;
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const ARCHES: [(&str, &str); 3] = [
+    ("amd64", "x86_64-unknown-linux-musl"),
+    ("arm64", "aarch64-unknown-linux-musl"),
+    ("ppc64el", "powerpc64le-unknown-linux-gnu"),
+];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    match args.first().map(String::as_str) {
+        Some("setup") => setup::run(),
+        Some("agents") => agents("debug").map(drop),
+        Some("test") => test(&rest),
+        Some("bench") => bench::run(&rest),
+        _ => {
+            eprintln!("usage: cargo xtask <setup|agents|test|bench boot>");
+            std::process::exit(2)
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Builds the agents and places them next to the `imgvm` binary of `profile`, where
+/// imgvm looks for them. Returns that directory.
+pub fn agents(profile: &str) -> Result<PathBuf> {
+    let target_dir = root().join("target");
+    let out = target_dir.join(profile);
+    std::fs::create_dir_all(&out)?;
+    for (arch, triple) in ARCHES {
+        let mut cmd = cargo();
+        cmd.args([
+            "build",
+            "--quiet",
+            "--package",
+            "imgvm-agent",
+            "--profile",
+            "agent",
+            "--target",
+            triple,
+        ]);
+        if triple.contains("-gnu") {
+            // Static glibc: the appliance's libc is not the one the agent was linked against.
+            cmd.env("RUSTFLAGS", "-C target-feature=+crt-static");
+        }
+        run(&mut cmd).with_context(|| format!("building the {arch} agent (did `cargo xtask setup` run?)"))?;
+        let built = target_dir.join(triple).join("agent").join("imgvm-agent");
+        std::fs::copy(&built, out.join(format!("imgvm-agent-{arch}")))?;
+    }
+    Ok(out)
+}
+
+/// What CI runs: everything from a fresh machine to a green (or red) suite.
+fn test(extra: &[&str]) -> Result<()> {
+    setup::run()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["build", "--quiet", "--package", "imgvm"]))?;
+    let bin_dir = agents("debug")?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"])
+        .args(extra)
+        .env("IMGVM_BIN", bin_dir.join("imgvm"));
+    run(&mut cmd)
+}

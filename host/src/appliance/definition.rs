@@ -12,11 +12,19 @@ pub const BUILTIN: &str = include_str!("../../../images/appliance.yaml");
 pub struct Definition {
     pub suite: String,
     pub mirror: String,
-    pub kernel: BTreeMap<Arch, String>,
+    pub arches: BTreeMap<Arch, ArchSpecific>,
     pub modules: Vec<String>,
     pub packages: Vec<String>,
     #[serde(default)]
     pub exclude: Vec<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchSpecific {
+    pub kernel: String,
+    #[serde(default)]
+    pub modules: Vec<String>,
 }
 
 impl Definition {
@@ -24,11 +32,19 @@ impl Definition {
         serde_yaml_ng::from_str(text).context("images/appliance.yaml is invalid")
     }
 
-    pub fn kernel_package(&self, arch: Arch) -> Result<&str> {
-        self.kernel
+    fn arch(&self, arch: Arch) -> Result<&ArchSpecific> {
+        self.arches
             .get(&arch)
-            .map(String::as_str)
-            .with_context(|| format!("the appliance definition names no kernel for {arch}"))
+            .with_context(|| format!("the appliance definition does not cover {arch}"))
+    }
+
+    pub fn kernel_package(&self, arch: Arch) -> Result<&str> {
+        Ok(&self.arch(arch)?.kernel)
+    }
+
+    /// The common modules followed by the architecture's own.
+    pub fn modules(&self, arch: Arch) -> Result<Vec<String>> {
+        Ok(self.modules.iter().chain(&self.arch(arch)?.modules).cloned().collect())
     }
 }
 

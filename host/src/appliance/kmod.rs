@@ -86,8 +86,17 @@ impl ModuleSet {
             bail!("the kernel has no module `{name}` (neither a file nor built in)");
         };
         stack.push(name.to_owned());
-        for dep in depends(&module.image()?).with_context(|| format!("reading {}", module.path))? {
+        let image = module.image()?;
+        for dep in depends(&image).with_context(|| format!("reading {}", module.path))? {
             self.visit(&dep, seen, order, stack)?;
+        }
+        // Soft dependencies name modules or aliases; without depmod's alias table only
+        // the ones that are module names can be honoured (aliases are listed in the
+        // appliance definition instead).
+        for dep in soft_pre_depends(&image) {
+            if self.modules.contains_key(&dep) {
+                self.visit(&dep, seen, order, stack)?;
+            }
         }
         stack.pop();
         seen.insert(name.to_owned());
@@ -110,6 +119,27 @@ fn depends(elf: &[u8]) -> Result<Vec<String>> {
         })
         .filter(|d| !d.is_empty())
         .collect())
+}
+
+/// The `pre:` part of `softdep=` entries, e.g. `softdep=pre: crc32c` gives `crc32c`.
+fn soft_pre_depends(elf: &[u8]) -> Vec<String> {
+    let Some(modinfo) = section(elf, ".modinfo") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for field in modinfo.split(|&b| b == 0).filter_map(|f| f.strip_prefix(b"softdep=")) {
+        let text = String::from_utf8_lossy(field);
+        let mut pre = false;
+        for word in text.split_whitespace() {
+            match word {
+                "pre:" => pre = true,
+                "post:" => pre = false,
+                name if pre => out.push(name.replace('-', "_")),
+                _ => {}
+            }
+        }
+    }
+    out
 }
 
 /// Finds a section of a 64-bit little-endian ELF file (all three of our architectures).

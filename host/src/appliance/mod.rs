@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use tree::{Node, Tree};
 
 /// Bumped whenever assembly changes in a way that changes its output.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// Where the agent writes its load list from (see the agent's `init`).
 const MODULE_LIST: &str = "etc/imgvm/modules";
@@ -99,7 +99,28 @@ impl Spec {
                 return Ok(appliance);
             }
         }
+        // Concurrent runs assemble once: the others wait, then find it cached.
+        let _lock = self.lock()?;
+        if !refresh {
+            if let Some(appliance) = self.cached() {
+                return Ok(appliance);
+            }
+        }
         self.assemble(fetcher)
+    }
+
+    /// An exclusive lock on this appliance's cache entry, released when dropped.
+    fn lock(&self) -> Result<std::fs::File> {
+        let path = self.dir().with_extension("lock");
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        // SAFETY: flock on a valid open descriptor.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
+        }
+        Ok(file)
     }
 
     fn assemble(&self, fetcher: &Fetcher) -> Result<Appliance> {
@@ -126,36 +147,51 @@ impl Spec {
         }
         let (kernel_file, kernel_version, modules) = unpack_kernel(&debs[&kernel.name])
             .with_context(|| format!("unpacking {} {}", kernel.name, kernel.version))?;
-        let order = modules.load_order(&def.modules)?;
+        let order = modules.load_order(&def.modules(arch)?)?;
+        // The bare tree (modules only) is what `imgvm appliance boot-time --bare` boots
+        // to measure the kernel without the userland.
+        let mut bare = Tree::default();
         let mut list = String::new();
         for module in &order {
             let key = Tree::key(&module.path);
+            let image = module.image()?;
             tree.insert(
                 key.clone(),
                 Node::File {
                     mode: 0o644,
-                    data: module.image()?,
+                    data: image.clone(),
+                },
+            );
+            bare.insert(
+                key.clone(),
+                Node::File {
+                    mode: 0o644,
+                    data: image,
                 },
             );
             list.push_str(&format!("/{key}\n"));
         }
-        tree.insert(
-            MODULE_LIST.into(),
-            Node::File {
-                mode: 0o644,
-                data: list.into_bytes(),
-            },
-        );
-        add_system_files(&mut tree);
-        tree.finish();
+        for t in [&mut tree, &mut bare] {
+            t.insert(
+                MODULE_LIST.into(),
+                Node::File {
+                    mode: 0o644,
+                    data: list.clone().into_bytes(),
+                },
+            );
+            add_system_files(t);
+            t.finish();
+        }
 
         let parent = self.dir().parent().context("cache directory")?.to_owned();
         std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
         let staging = tempfile::tempdir_in(&parent)?;
         std::fs::write(staging.path().join("kernel"), &kernel_file)?;
-        let mut cpio = BufWriter::new(std::fs::File::create(staging.path().join("base.cpio"))?);
-        tree.write_cpio(&mut cpio)?;
-        cpio.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        for (t, name) in [(&tree, "base.cpio"), (&bare, "bare.cpio")] {
+            let mut cpio = BufWriter::new(std::fs::File::create(staging.path().join(name))?);
+            t.write_cpio(&mut cpio)?;
+            cpio.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
         let manifest = Manifest {
             arch,
             suite: def.suite.clone(),
@@ -202,24 +238,29 @@ impl Appliance {
         self.dir.join("kernel")
     }
 
-    /// The initramfs to boot: the cached base archive with `agent` appended as `/init`.
-    /// Kept in the cache next to the base, keyed by the agent's hash.
-    pub fn initrd(&self, agent: &[u8]) -> Result<PathBuf> {
+    /// The initramfs to boot: the cached base archive (or with `bare` the modules-only
+    /// one) with `agent` appended as `/init`. Kept in the cache next to the base, keyed by
+    /// the agent's hash.
+    pub fn initrd(&self, agent: &[u8], bare: bool) -> Result<PathBuf> {
         let hash = archive::hex(&Sha256::digest(agent));
-        let name = format!("initrd-{}.cpio", &hash[..16]);
+        let base = if bare { "bare" } else { "base" };
+        let name = format!("initrd-{base}-{}.cpio", &hash[..16]);
         let path = self.dir.join(&name);
         if path.exists() {
             return Ok(path);
         }
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        std::io::copy(&mut std::fs::File::open(self.dir.join("base.cpio"))?, tmp.as_file_mut())?;
+        std::io::copy(
+            &mut std::fs::File::open(self.dir.join(format!("{base}.cpio")))?,
+            tmp.as_file_mut(),
+        )?;
         tree::single_file_cpio(tmp.as_file_mut(), "init", 0o755, agent)?;
         tmp.as_file().sync_all()?;
         tmp.persist(&path)?;
         // Initrds for older agents are dead weight.
         for entry in std::fs::read_dir(&self.dir)?.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
-            if file.starts_with("initrd-") && file != name {
+            if file.starts_with(&format!("initrd-{base}-")) && file != name {
                 let _ = std::fs::remove_file(entry.path());
             }
         }

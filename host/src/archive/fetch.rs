@@ -64,7 +64,7 @@ impl Fetcher {
 
     /// A small file, in memory (release files).
     pub fn get(&self, url: &str) -> Result<Vec<u8>> {
-        self.retry(url, || {
+        self.retry(url, false, || {
             let mut body = Vec::new();
             self.open(url)?.take(64 << 20).read_to_end(&mut body)?;
             self.count(body.len() as u64);
@@ -77,7 +77,9 @@ impl Fetcher {
     pub fn download(&self, url: &str, sha256: &str, size: u64, dest: &Path) -> Result<()> {
         let dir = dest.parent().context("download target has no directory")?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        self.retry(url, || {
+        // The signed index lists this file, so a 404 means a mirror in the middle of a
+        // sync (or an incomplete one): worth waiting for.
+        let result = self.retry(url, true, || {
             let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
             let mut reader = self.open(url)?.take(size + 1);
             let mut hasher = Sha256::new();
@@ -102,7 +104,14 @@ impl Fetcher {
             }
             tmp.persist(dest)?;
             Ok(())
-        })
+        });
+        match result {
+            Err(e) if matches!(e.root_cause().downcast_ref::<Status>(), Some(Status(404))) => Err(e.context(format!(
+                "the mirror does not serve {url} although its signed index lists it \
+                 (an incomplete mirror or one being synced): try again later or use another mirror"
+            ))),
+            other => other,
+        }
     }
 
     fn count(&self, bytes: u64) {
@@ -118,12 +127,12 @@ impl Fetcher {
         Ok(response.into_body().into_reader())
     }
 
-    fn retry<T>(&self, url: &str, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+    fn retry<T>(&self, url: &str, listed: bool, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
         let mut delay = self.backoff;
         for n in 1.. {
             match attempt() {
                 Ok(v) => return Ok(v),
-                Err(e) if n < ATTEMPTS && transient(&e) => {
+                Err(e) if n < ATTEMPTS && transient(&e, listed) => {
                     tracing::warn!("{url}: {e:#}; retrying in {delay:?} (attempt {n} of {ATTEMPTS})");
                     std::thread::sleep(delay);
                     delay *= 2;
@@ -144,9 +153,9 @@ struct Status(u16);
 #[error("{0}")]
 struct Mismatch(String);
 
-fn transient(e: &anyhow::Error) -> bool {
+fn transient(e: &anyhow::Error, listed: bool) -> bool {
     if let Some(Status(code)) = e.downcast_ref::<Status>() {
-        return *code >= 500 || *code == 408 || *code == 429;
+        return *code >= 500 || *code == 408 || *code == 429 || (listed && *code == 404);
     }
     e.downcast_ref::<Mismatch>().is_some()
         || e.downcast_ref::<ureq::Error>().is_some()

@@ -95,7 +95,7 @@ impl Vm {
             .args([
                 "-append",
                 &format!(
-                    "console={} panic=-1 quiet imgvm.port={}",
+                    "console={} panic=-1 quiet rootfstype=ramfs imgvm.port={}",
                     arch.console(),
                     transport.port()
                 ),

@@ -1,0 +1,58 @@
+//! `cargo xtask bench boot`: per architecture, the helper VM's launch-to-handshake time,
+//! next to the same kernel booting an initramfs that holds nothing but the agent and its
+//! modules, measured the same way (launch to handshake over vsock). The difference is
+//! what the appliance's userland costs at boot.
+
+use anyhow::{bail, Context, Result};
+use std::process::Command;
+
+pub fn run(args: &[&str]) -> Result<()> {
+    match args.first() {
+        Some(&"boot") => boot(&args[1..]),
+        _ => bail!("usage: cargo xtask bench boot [ARCH...]"),
+    }
+}
+
+fn boot(arches: &[&str]) -> Result<()> {
+    crate::run(crate::cargo().args(["build", "--quiet", "--release", "--package", "imgvm"]))?;
+    let bin = crate::agents("release")?.join("imgvm");
+    let arches: Vec<&str> = if arches.is_empty() {
+        crate::ARCHES.iter().map(|(a, _)| *a).collect()
+    } else {
+        arches.to_vec()
+    };
+    println!(
+        "{:8} {:>22} {:>22}",
+        "arch", "appliance boot (s)", "bare kernel+agent (s)"
+    );
+    for arch in arches {
+        let full = measure(&bin, arch, false)?;
+        let bare = measure(&bin, arch, true)?;
+        println!("{arch:8} {full:>22.2} {bare:>22.2}");
+    }
+    Ok(())
+}
+
+/// Median of three boots, as reported by imgvm's `boot_seconds` log field.
+fn measure(bin: &std::path::Path, arch: &str, bare: bool) -> Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let mut cmd = Command::new(bin);
+        cmd.args(["--log-format", "json", "appliance", "boot-time", "--arch", arch]);
+        if bare {
+            cmd.arg("--bare");
+        }
+        let out = cmd.output().context("running imgvm")?;
+        if !out.status.success() {
+            bail!("imgvm failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let seconds: f64 = text
+            .trim()
+            .parse()
+            .with_context(|| format!("unexpected output {text:?}"))?;
+        times.push(seconds);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[1])
+}

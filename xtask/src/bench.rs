@@ -14,7 +14,7 @@ pub fn run(args: &[&str]) -> Result<()> {
 }
 
 fn boot(arches: &[&str]) -> Result<()> {
-    crate::run(crate::cargo().args(["build", "--quiet", "--release", "--package", "imgvm"]))?;
+    crate::exec(crate::cargo().args(["build", "--quiet", "--release", "--package", "imgvm"]))?;
     let bin = crate::agents("release")?.join("imgvm");
     let arches: Vec<&str> = if arches.is_empty() {
         crate::ARCHES.iter().map(|(a, _)| *a).collect()

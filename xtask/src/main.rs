@@ -46,7 +46,7 @@ pub fn cargo() -> Command {
     cmd
 }
 
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub fn exec(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
@@ -76,7 +76,7 @@ pub fn agents(profile: &str) -> Result<PathBuf> {
             // Static glibc: the appliance's libc is not the one the agent was linked against.
             cmd.env("RUSTFLAGS", "-C target-feature=+crt-static");
         }
-        run(&mut cmd).with_context(|| format!("building the {arch} agent (did `cargo xtask setup` run?)"))?;
+        exec(&mut cmd).with_context(|| format!("building the {arch} agent (did `cargo xtask setup` run?)"))?;
         let built = target_dir.join(triple).join("agent").join("imgvm-agent");
         std::fs::copy(&built, out.join(format!("imgvm-agent-{arch}")))?;
     }
@@ -86,8 +86,8 @@ pub fn agents(profile: &str) -> Result<PathBuf> {
 /// What CI runs: everything from a fresh machine to a green (or red) suite.
 fn test(extra: &[&str]) -> Result<()> {
     setup::run()?;
-    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    run(cargo().args([
+    exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    exec(cargo().args([
         "clippy",
         "--workspace",
         "--all-targets",
@@ -96,11 +96,11 @@ fn test(extra: &[&str]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run(cargo().args(["build", "--quiet", "--package", "imgvm"]))?;
+    exec(cargo().args(["build", "--quiet", "--package", "imgvm"]))?;
     let bin_dir = agents("debug")?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"])
         .args(extra)
         .env("IMGVM_BIN", bin_dir.join("imgvm"));
-    run(&mut cmd)
+    exec(&mut cmd)
 }

@@ -1,7 +1,7 @@
 //! Installs everything imgvm and its tests need, on Debian or Ubuntu. Idempotent: what
 //! is already there is skipped, so `cargo xtask test` can always start with it.
 
-use crate::{run, ARCHES};
+use crate::{exec, ARCHES};
 use anyhow::{bail, Result};
 use std::process::Command;
 
@@ -72,7 +72,7 @@ fn apt_packages() -> Result<()> {
         );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
-    run(&mut sudo(&["apt-get", "update", "-q"]))?;
+    exec(&mut sudo(&["apt-get", "update", "-q"]))?;
     let mut install = vec!["apt-get", "install", "-y", "-q", "--no-install-recommends"];
     // A qemu-utils from bookworm-backports (as on some images) conflicts with bookworm's
     // qemu-system; take qemu-system from backports as well then.
@@ -83,17 +83,17 @@ fn apt_packages() -> Result<()> {
     if backports {
         let list = "/etc/apt/sources.list.d/imgvm-bookworm-backports.list";
         if !std::path::Path::new(list).exists() {
-            run(&mut sudo(&[
+            exec(&mut sudo(&[
                 "sh",
                 "-c",
                 &format!("echo 'deb http://deb.debian.org/debian bookworm-backports main' > {list}"),
             ]))?;
-            run(&mut sudo(&["apt-get", "update", "-q"]))?;
+            exec(&mut sudo(&["apt-get", "update", "-q"]))?;
         }
         install.extend(["-t", "bookworm-backports"]);
     }
     install.extend(missing);
-    run(&mut sudo(&install))
+    exec(&mut sudo(&install))
 }
 
 fn rust_targets() -> Result<()> {
@@ -109,7 +109,7 @@ fn rust_targets() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    run(Command::new("rustup").args(["target", "add"]).args(missing))
+    exec(Command::new("rustup").args(["target", "add"]).args(missing))
 }
 
 /// The user-space vsock device. As root it goes to /usr/local/bin so that the tests'
@@ -127,7 +127,7 @@ fn vhost_device_vsock() -> Result<()> {
     if is_root() {
         cmd.args(["--root", "/usr/local"]);
     }
-    run(&mut cmd)
+    exec(&mut cmd)
 }
 
 /// When the suite runs as root (as CI does), the end-to-end tests run imgvm as this
@@ -141,7 +141,7 @@ fn test_user() -> Result<()> {
     {
         return Ok(());
     }
-    run(Command::new("useradd").args([
+    exec(Command::new("useradd").args([
         "--system",
         "--create-home",
         "--home-dir",

@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     }
     let result = connection::serve();
     if let Err(e) = &result {
-        log(&format!("{e}"));
+        log(e);
     }
     if pid1 {
         init::power_off();

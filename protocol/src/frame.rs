@@ -74,7 +74,7 @@ impl FrameDecoder {
 
     /// The next complete message, `Ok(None)` when more bytes are needed. After an error
     /// the stream is out of sync and must be dropped.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn decode_next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         let Some(header) = self.buf.first_chunk::<FRAME_HEADER_LEN>() else {
             return Ok(None);
         };

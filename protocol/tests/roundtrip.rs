@@ -123,7 +123,7 @@ fn decode_in_pieces<T: serde::de::DeserializeOwned>(stream: &[u8], cuts: &[usize
         let (piece, tail) = rest.split_at(cut.clamp(1, rest.len()));
         rest = tail;
         decoder.push(piece);
-        while let Some(message) = decoder.next().unwrap() {
+        while let Some(message) = decoder.decode_next().unwrap() {
             out.push(message);
         }
     }
@@ -149,7 +149,7 @@ proptest! {
     fn arbitrary_bytes_never_panic(stream in proptest::collection::vec(any::<u8>(), 0..2048)) {
         let mut decoder = FrameDecoder::new();
         decoder.push(&stream);
-        while let Ok(Some(_)) = decoder.next::<GuestMessage>() {}
+        while let Ok(Some(_)) = decoder.decode_next::<GuestMessage>() {}
     }
 }
 
@@ -157,7 +157,7 @@ proptest! {
 fn oversized_frame_is_rejected_from_its_header() {
     let mut decoder = FrameDecoder::new();
     decoder.push(&((MAX_FRAME_LEN as u32) + 1).to_le_bytes());
-    let err = decoder.next::<GuestMessage>().unwrap_err();
+    let err = decoder.decode_next::<GuestMessage>().unwrap_err();
     assert!(
         matches!(err, FrameError::TooLarge { len } if len == MAX_FRAME_LEN + 1),
         "{err}"
@@ -191,12 +191,18 @@ fn trailing_garbage_in_a_frame_is_malformed() {
     frame[..4].copy_from_slice(&len.to_le_bytes());
     let mut decoder = FrameDecoder::new();
     decoder.push(&frame);
-    assert!(matches!(decoder.next::<HostMessage>(), Err(FrameError::Malformed(_))));
+    assert!(matches!(
+        decoder.decode_next::<HostMessage>(),
+        Err(FrameError::Malformed(_))
+    ));
 }
 
 #[test]
 fn unknown_variant_is_malformed() {
     let mut decoder = FrameDecoder::new();
     decoder.push(&[1, 0, 0, 0, 200]);
-    assert!(matches!(decoder.next::<GuestMessage>(), Err(FrameError::Malformed(_))));
+    assert!(matches!(
+        decoder.decode_next::<GuestMessage>(),
+        Err(FrameError::Malformed(_))
+    ));
 }

@@ -2,6 +2,7 @@
 //!
 //! - `setup`   installs what imgvm and its tests need on a Debian/Ubuntu machine
 //! - `agents`  cross-builds the guest agent for every architecture
+//! - `install` installs `imgvm` and its agents (default prefix: ~/.cargo)
 //! - `test`    setup + agents + the whole test suite (what CI runs)
 //! - `bench`   boot and build benchmarks
 
@@ -24,10 +25,11 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("setup") => setup::run(),
         Some("agents") => agents("debug").map(drop),
+        Some("install") => install(&rest),
         Some("test") => test(&rest),
         Some("bench") => bench::run(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|agents|test|bench boot>");
+            eprintln!("usage: cargo xtask <setup|agents|install [--prefix DIR]|test|bench boot>");
             std::process::exit(2)
         }
     }
@@ -81,6 +83,37 @@ pub fn agents(profile: &str) -> Result<PathBuf> {
         std::fs::copy(&built, out.join(format!("imgvm-agent-{arch}")))?;
     }
     Ok(out)
+}
+
+/// Installs `PREFIX/bin/imgvm` and `PREFIX/lib/imgvm/imgvm-agent-*`, where imgvm
+/// looks for its agents.
+fn install(args: &[&str]) -> Result<()> {
+    let prefix = match args {
+        ["--prefix", dir] => PathBuf::from(dir),
+        [] => std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")),
+        _ => bail!("usage: cargo xtask install [--prefix DIR]"),
+    };
+    exec(cargo().args(["build", "--quiet", "--release", "--package", "imgvm"]))?;
+    let built = agents("release")?;
+    let (bin, lib) = (prefix.join("bin"), prefix.join("lib/imgvm"));
+    std::fs::create_dir_all(&bin)?;
+    std::fs::create_dir_all(&lib)?;
+    // Replace rather than overwrite: the old binary may be running.
+    let tmp = bin.join(".imgvm.new");
+    std::fs::copy(built.join("imgvm"), &tmp)?;
+    std::fs::rename(&tmp, bin.join("imgvm"))?;
+    for (arch, _) in ARCHES {
+        let name = format!("imgvm-agent-{arch}");
+        std::fs::copy(built.join(&name), lib.join(&name))?;
+    }
+    eprintln!(
+        "xtask: installed {} and its agents in {}",
+        bin.join("imgvm").display(),
+        lib.display()
+    );
+    Ok(())
 }
 
 /// What CI runs: everything from a fresh machine to a green (or red) suite.

@@ -18,6 +18,8 @@ use tokio::process::{Child, Command};
 
 pub const VHOST_VSOCK_DEVICE: &str = "/dev/vhost-vsock";
 
+// One per VM: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Transport {
     Kernel {
         cid: u32,

@@ -4,12 +4,13 @@
 
 use crate::ops::{self, Inbound};
 use imgvm_protocol::{
-    blocking, GuestMessage, Handshake, HostMessage, RequestId, AGENT_PORT, HOST_CID, PROTOCOL_VERSION,
+    blocking, encode, GuestMessage, Handshake, HostMessage, RequestId, AGENT_PORT, HOST_CID, PROTOCOL_VERSION,
+    UPLINK_WINDOW,
 };
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use vsock::{VsockAddr, VsockStream};
 
@@ -17,15 +18,48 @@ use vsock::{VsockAddr, VsockStream};
 /// the modules load.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 
-/// Serialises frames from many threads onto one stream.
+/// Largest single write to the vsock socket. Recent guest kernels (Debian's 6.12 among
+/// them) send larger writes as non-linear buffers spread over several descriptors, which
+/// vhost-device-vsock 0.3 rejects (`DescriptorLengthTooSmall`) and drops, corrupting the
+/// stream. Writes of this size stay in one linear buffer.
+const MAX_WRITE_LEN: usize = 16 * 1024;
+
+/// Serialises frames from many threads onto one stream, never more than
+/// [`UPLINK_WINDOW`] bytes ahead of the host's acknowledgements.
 #[derive(Clone)]
-pub struct Writer(Arc<Mutex<VsockStream>>);
+pub struct Writer(Arc<(Mutex<Uplink>, Condvar)>);
+
+struct Uplink {
+    stream: VsockStream,
+    unacked: u64,
+}
 
 impl Writer {
+    fn new(stream: VsockStream) -> Self {
+        Writer(Arc::new((Mutex::new(Uplink { stream, unacked: 0 }), Condvar::new())))
+    }
+
     pub fn send(&self, message: &GuestMessage) -> io::Result<()> {
-        let mut stream = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        blocking::write(&mut *stream, message)?;
-        stream.flush()
+        let frame = encode(message).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let (lock, acked) = &*self.0;
+        let mut uplink = lock.lock().unwrap_or_else(|e| e.into_inner());
+        // A frame larger than the window still goes out alone.
+        while uplink.unacked > 0 && uplink.unacked + frame.len() as u64 > UPLINK_WINDOW {
+            uplink = acked.wait(uplink).unwrap_or_else(|e| e.into_inner());
+        }
+        for piece in frame.chunks(MAX_WRITE_LEN) {
+            uplink.stream.write_all(piece)?;
+        }
+        uplink.unacked += frame.len() as u64;
+        Ok(())
+    }
+
+    /// Called by the reader for each [`HostMessage::Ack`]; never blocks.
+    fn ack(&self, bytes: u64) {
+        let (lock, acked) = &*self.0;
+        let mut uplink = lock.lock().unwrap_or_else(|e| e.into_inner());
+        uplink.unacked = uplink.unacked.saturating_sub(bytes);
+        acked.notify_all();
     }
 }
 
@@ -33,7 +67,7 @@ type Routes = Arc<Mutex<HashMap<RequestId, Sender<Inbound>>>>;
 
 pub fn serve() -> Result<(), String> {
     let mut stream = connect().map_err(|e| format!("cannot reach the host over vsock: {e}"))?;
-    let writer = Writer(Arc::new(Mutex::new(stream.try_clone().map_err(|e| e.to_string())?)));
+    let writer = Writer::new(stream.try_clone().map_err(|e| e.to_string())?);
     writer
         .send(&GuestMessage::Hello(handshake()))
         .map_err(|e| format!("sending hello: {e}"))?;
@@ -66,6 +100,10 @@ pub fn serve() -> Result<(), String> {
                 continue;
             }
             HostMessage::Shutdown => break Ok(()),
+            HostMessage::Ack { bytes } => {
+                writer.ack(bytes);
+                continue;
+            }
             HostMessage::Welcome { .. } => continue,
             HostMessage::Data { id, chunk } => (id, Inbound::Data(chunk)),
             HostMessage::EndOfData { id } => (id, Inbound::End),
@@ -88,10 +126,12 @@ fn start(id: RequestId, operation: imgvm_protocol::Operation, routes: &Routes, w
     {
         let mut routes = routes.lock().unwrap();
         if routes.contains_key(&id) {
-            let _ = writer.send(&GuestMessage::Done {
-                id,
-                result: Err(ops::invalid(&operation, format!("request id {id} is already in use"))),
-            });
+            // Not from this thread: only it reads the acks a send may wait for.
+            let (writer, result) = (
+                writer.clone(),
+                Err(ops::invalid(&operation, format!("request id {id} is already in use"))),
+            );
+            std::thread::spawn(move || writer.send(&GuestMessage::Done { id, result }));
             return;
         }
         routes.insert(id, tx.clone());

@@ -160,6 +160,16 @@ async fn copy_out(helper: &Helper, copy: &CopySpec, cancel: &CancellationToken) 
     let reply = helper.session.download(&copy.from, format, &mut file, cancel).await?;
     reply.map_err(|e| anyhow::anyhow!("copying {} out of the VM: {e}", copy.from))?;
     file.sync_all().await?;
+    // Temporary files are private; the result gets the permissions of any new file.
+    // SAFETY: umask(2) cannot fail; the original mask is restored at once.
+    let umask = unsafe {
+        let mask = libc::umask(0);
+        libc::umask(mask);
+        mask
+    };
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o666 & !(umask as u32)))?;
     tmp.persist(&dest)?;
     Ok(())
 }

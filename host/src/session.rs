@@ -7,7 +7,7 @@
 
 use imgvm_protocol::{
     decode, encode, payload_len, Command, Event, GuestMessage, Handshake, HostMessage, Operation, OperationError,
-    Outcome, RequestId, Transfer, CHUNK_LEN, FRAME_HEADER_LEN, PROTOCOL_VERSION, STREAM_WINDOW,
+    Outcome, RequestId, Transfer, ACK_THRESHOLD, CHUNK_LEN, FRAME_HEADER_LEN, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -69,7 +69,7 @@ impl Session {
         let hello = tokio::time::timeout(timeout, read_message(&mut reader))
             .await
             .map_err(|_| SessionError::HandshakeTimeout(timeout))??;
-        let handshake = match hello {
+        let handshake = match hello.map(|(m, _)| m) {
             Some(GuestMessage::Hello(h)) => h,
             Some(other) => return Err(SessionError::Protocol(format!("expected hello, got {other:?}"))),
             None => {
@@ -111,12 +111,23 @@ impl Session {
         .await
         .map_err(|_| SessionError::Lost("writer stopped".into()))?;
         let reader_routes = routes.clone();
+        let acks = out.clone();
         tokio::spawn(async move {
+            let mut unacked = 0u64;
             loop {
+                if unacked >= ACK_THRESHOLD {
+                    if acks.send(HostMessage::Ack { bytes: unacked }).await.is_err() {
+                        break;
+                    }
+                    unacked = 0;
+                }
                 let Ok(message) = tokio::time::timeout(silence_limit, read_message(&mut reader)).await else {
                     break fail(SessionError::Silent(silence_limit));
                 };
-                match message {
+                if let Ok(Some((_, len))) = &message {
+                    unacked += *len as u64;
+                }
+                match message.map(|m| m.map(|(m, _)| m)) {
                     Ok(Some(GuestMessage::Heartbeat)) => {}
                     Ok(Some(GuestMessage::Hello(_))) => {
                         break fail(SessionError::Protocol("a second hello".into()));
@@ -371,7 +382,8 @@ fn message_id(message: &GuestMessage) -> RequestId {
     }
 }
 
-async fn read_message(reader: &mut (impl AsyncRead + Unpin)) -> Result<Option<GuestMessage>, SessionError> {
+/// The next message and its size on the wire.
+async fn read_message(reader: &mut (impl AsyncRead + Unpin)) -> Result<Option<(GuestMessage, usize)>, SessionError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     match reader.read_exact(&mut header).await {
         Ok(_) => {}
@@ -384,7 +396,6 @@ async fn read_message(reader: &mut (impl AsyncRead + Unpin)) -> Result<Option<Gu
         .read_exact(&mut payload)
         .await
         .map_err(|e| SessionError::Lost(e.to_string()))?;
-    decode(&payload)
-        .map(Some)
-        .map_err(|e| SessionError::Protocol(e.to_string()))
+    let message = decode(&payload).map_err(|e| SessionError::Protocol(e.to_string()))?;
+    Ok(Some((message, FRAME_HEADER_LEN + len)))
 }

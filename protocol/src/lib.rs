@@ -8,6 +8,11 @@
 //! Bulk data is flow-controlled with credits (see [`STREAM_WINDOW`]): a sender may have at
 //! most that many bytes unacknowledged per stream, so neither side ever buffers a whole
 //! file and one big transfer cannot starve the control messages of another.
+//!
+//! On top of that the whole guest-to-host direction is flow-controlled by
+//! [`HostMessage::Ack`] (see [`UPLINK_WINDOW`]). vhost-device-vsock (0.3) mishandles the
+//! data it has to buffer when the host socket is momentarily full (it stalls or drops
+//! bytes), so the agent never lets more be in flight than the socket always holds.
 
 mod frame;
 mod message;
@@ -26,10 +31,18 @@ pub const HOST_CID: u32 = 2;
 
 /// Size of one bulk data chunk. Small enough that a chunk never delays a control
 /// message for long, large enough that per-frame overhead is negligible.
-pub const CHUNK_LEN: usize = 128 * 1024;
+pub const CHUNK_LEN: usize = 32 * 1024;
 
 /// Bytes a data sender may have in flight per stream before it waits for credit.
-pub const STREAM_WINDOW: u64 = 8 * CHUNK_LEN as u64;
+pub const STREAM_WINDOW: u64 = 32 * CHUNK_LEN as u64;
+
+/// Bytes of frames the agent may have sent that the host has not acknowledged reading.
+/// Well below the ~200 KiB a Unix socket holds by default (see the crate docs).
+pub const UPLINK_WINDOW: u64 = 128 * 1024;
+
+/// The host acknowledges once it has read this many bytes; smaller than
+/// `UPLINK_WINDOW - CHUNK_LEN - MAX_LINE_LEN`, so the agent can always make progress.
+pub const ACK_THRESHOLD: u64 = 32 * 1024;
 
 /// Longest output line sent as one event; longer lines are split.
 pub const MAX_LINE_LEN: usize = 8 * 1024;

@@ -19,6 +19,7 @@ pub enum HostMessage {
     /// A chunk of the request's input stream (stdin of a command, an uploaded file).
     Data {
         id: RequestId,
+        #[serde(with = "serde_bytes")]
         chunk: Vec<u8>,
     },
     /// The request's input stream is complete.
@@ -36,6 +37,11 @@ pub enum HostMessage {
     },
     /// No more requests: sync the disks and power off.
     Shutdown,
+    /// The host has read `bytes` more bytes of the agent's frames (see
+    /// [`crate::UPLINK_WINDOW`]).
+    Ack {
+        bytes: u64,
+    },
 }
 
 /// Guest to host.
@@ -49,6 +55,7 @@ pub enum GuestMessage {
     /// A chunk of the request's output stream (a downloaded file or tar stream).
     Data {
         id: RequestId,
+        #[serde(with = "serde_bytes")]
         chunk: Vec<u8>,
     },
     EndOfData {
@@ -118,8 +125,8 @@ pub struct Command {
 pub enum Event {
     /// One line of output, without its newline. Lines over [`crate::MAX_LINE_LEN`] arrive
     /// in pieces.
-    Stdout(Vec<u8>),
-    Stderr(Vec<u8>),
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     Progress {
         done: u64,
         total: Option<u64>,

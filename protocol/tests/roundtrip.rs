@@ -41,6 +41,7 @@ fn host_message() -> impl Strategy<Value = HostMessage> {
         (any::<u32>(), any::<u64>()).prop_map(|(id, bytes)| HostMessage::Credit { id, bytes }),
         any::<u32>().prop_map(|id| HostMessage::Cancel { id }),
         Just(HostMessage::Shutdown),
+        any::<u64>().prop_map(|bytes| HostMessage::Ack { bytes }),
     ]
 }
 

@@ -163,7 +163,10 @@ impl Vm {
     /// not within `grace`, and kills it if that fails too.
     pub async fn shutdown(mut self, grace: Duration) -> Result<()> {
         if tokio::time::timeout(grace, self.qemu.wait()).await.is_err() {
-            tracing::warn!("the helper VM did not power off within {grace:?}; stopping it over QMP");
+            let status = qmp::status(&self.qmp_path)
+                .await
+                .unwrap_or_else(|e| format!("unknown: {e}"));
+            tracing::warn!("the helper VM did not power off within {grace:?} (status: {status}); stopping it over QMP");
             let quit = qmp::quit(&self.qmp_path);
             if tokio::time::timeout(Duration::from_secs(5), quit).await.is_err()
                 || tokio::time::timeout(Duration::from_secs(5), self.qemu.wait())
@@ -175,11 +178,6 @@ impl Vm {
         }
         self.transport.stop().await;
         Ok(())
-    }
-
-    /// The state qemu reports over QMP (`running`, `shutdown`, ...).
-    pub async fn status(&self) -> Result<String> {
-        qmp::status(&self.qmp_path).await
     }
 }
 

@@ -23,6 +23,8 @@ pub fn prepare_system() -> io::Result<()> {
     std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     std::env::set_var("HOME", "/root");
     std::env::set_var("LANG", "C.UTF-8");
+    // SAFETY: the name is a valid buffer of the given length.
+    unsafe { libc::sethostname(b"imgvm".as_ptr().cast(), 5) };
     load_modules()?;
     crate::reaper::start();
     Ok(())

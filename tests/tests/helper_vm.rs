@@ -230,6 +230,83 @@ fn command_status_and_output_streams_come_through() {
 }
 
 #[test]
+fn directories_and_stdin_travel_both_ways() {
+    let dir = workdir("tree");
+    let tree = dir.join("in");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("sub/hello.txt"), "hello from the host\n").unwrap();
+    std::os::unix::fs::symlink("sub/hello.txt", tree.join("link")).unwrap();
+    for path in [&tree, &tree.join("sub"), &tree.join("sub/hello.txt")] {
+        imgvm_e2e::give_to_user(path);
+    }
+    let out_tar = dir.join("out.tar");
+    let mut cmd = imgvm(["run", "--interactive", "--copy-in"]);
+    cmd.arg(format!("{}:/srv/in", tree.display()))
+        .arg("--copy-out")
+        .arg(format!("/srv/out/:{}", out_tar.display()))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "set -e; mkdir /srv/out; cat /srv/in/link > /srv/out/copied.txt; cat > /srv/out/stdin.txt; \
+             stat -c '%U %a' /srv/in/sub/hello.txt",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"typed on the host\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Unpacked as root, with the numeric owner of the host files (not root's).
+    assert_ne!(stdout.trim(), "root 644", "{stdout}");
+    let listing = run_ok(Command::new("tar").arg("-tvf").arg(&out_tar));
+    assert!(
+        listing.contains("./copied.txt") && listing.contains("./stdin.txt"),
+        "{listing}"
+    );
+    let unpacked = dir.join("unpacked");
+    std::fs::create_dir(&unpacked).unwrap();
+    run_ok(Command::new("tar").arg("-xf").arg(&out_tar).arg("-C").arg(&unpacked));
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("copied.txt")).unwrap(),
+        "hello from the host\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("stdin.txt")).unwrap(),
+        "typed on the host\n"
+    );
+}
+
+#[test]
+fn doctor_reports_what_the_machine_has() {
+    let out = imgvm(["doctor"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // CI's machine has been set up by `cargo xtask setup`: nothing required is missing.
+    assert!(out.status.success(), "{stdout}");
+    for check in [
+        "qemu-system-x86_64",
+        "qemu-system-aarch64",
+        "qemu-system-ppc64",
+        "gpgv",
+        "vhost-device-vsock (user-space vsock)",
+        "cache directory",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(check))
+            .unwrap_or_else(|| panic!("no {check} line:\n{stdout}"));
+        assert!(line.starts_with("ok"), "{line}");
+    }
+    assert!(stdout.lines().any(|l| l.contains("KVM")), "{stdout}");
+}
+
+#[test]
 fn bad_arguments_get_clear_errors() {
     let out = imgvm(["run", "--arch", "sparc", "--", "true"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -147,7 +147,7 @@ fn start(id: RequestId, operation: imgvm_protocol::Operation, routes: &Routes, w
 
 /// The host chooses a port per VM (several imgvm runs share the host's vsock port space)
 /// and passes it on the kernel command line as `imgvm.port=N`.
-fn port() -> u32 {
+pub fn port() -> u32 {
     std::fs::read_to_string("/proc/cmdline")
         .ok()
         .and_then(|line| {

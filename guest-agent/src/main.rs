@@ -9,6 +9,7 @@ mod blockdev;
 mod connection;
 mod init;
 mod ops;
+mod proxy;
 mod reaper;
 
 use std::process::ExitCode;
@@ -19,6 +20,11 @@ fn main() -> ExitCode {
         if let Err(e) = init::prepare_system() {
             log(&format!("system setup failed: {e}"));
             init::power_off();
+        }
+    }
+    if pid1 {
+        if let Err(e) = proxy::start(connection::port() + 1) {
+            log(&format!("no package proxy: {e}"));
         }
     }
     let result = connection::serve();

@@ -26,6 +26,8 @@ pub struct HelperOptions {
     pub suite: Option<String>,
     /// Boot an initramfs with nothing but the agent and its modules (for measuring).
     pub bare: bool,
+    /// Mirrors the guest's package proxy may fetch from, besides the appliance's own.
+    pub proxy_mirrors: Vec<String>,
 }
 
 pub struct Helper {
@@ -39,6 +41,9 @@ impl Helper {
     pub async fn boot(options: &HelperOptions, fetcher: &Fetcher) -> Result<Helper> {
         let arch = options.arch;
         let spec = Spec::new(arch, options.mirror.as_deref(), options.suite.as_deref())?;
+        let mut mirrors = vec![spec.definition.mirror.clone()];
+        mirrors.extend(options.proxy_mirrors.iter().cloned());
+        let proxy = crate::proxy::Proxy::new(&mirrors, fetcher.clone());
         let fetcher = fetcher.clone();
         let stats = fetcher.clone();
         let appliance = tokio::task::spawn_blocking(move || spec.ensure(&fetcher, false)).await??;
@@ -63,8 +68,9 @@ impl Helper {
         if accel == Accel::Kvm {
             config.accel = Accel::Kvm;
             match Helper::start(&config, KVM_PROBE_TIMEOUT).await {
-                Ok(helper) => {
+                Ok(mut helper) => {
                     Accel::record_probe(true);
+                    helper.vm.serve_proxy(proxy);
                     return Ok(helper);
                 }
                 Err(e) => {
@@ -81,7 +87,9 @@ impl Helper {
         } else if let Some(why) = why_not_kvm {
             tracing::info!("using TCG (software emulation, {} vCPUs): {why}", config.cpus);
         }
-        Helper::start(&config, options.boot_timeout).await
+        let mut helper = Helper::start(&config, options.boot_timeout).await?;
+        helper.vm.serve_proxy(proxy);
+        Ok(helper)
     }
 
     async fn start(config: &VmConfig, timeout: Duration) -> Result<Helper> {

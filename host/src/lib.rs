@@ -14,6 +14,7 @@ pub mod cache;
 pub mod doctor;
 pub mod helper;
 pub mod progress;
+pub mod proxy;
 pub mod run;
 pub mod session;
 pub mod vm;

@@ -199,6 +199,7 @@ fn helper_options(vm: VmArgs, disks: Vec<PathBuf>, memory_mib: u32, cpus: Option
         mirror: vm.mirror,
         suite: vm.suite,
         bare: false,
+        proxy_mirrors: Vec::new(),
     }
 }
 

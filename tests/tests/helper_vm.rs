@@ -284,6 +284,23 @@ fn directories_and_stdin_travel_both_ways() {
 }
 
 #[test]
+fn guest_fetches_from_the_mirror_through_the_package_proxy_only() {
+    let script = "P='-o Acquire::http::Proxy=http://127.0.0.1:3142'
+/usr/lib/apt/apt-helper $P download-file http://deb.debian.org/debian/dists/trixie/Release /tmp/Release >/dev/null
+grep -m1 '^Codename:' /tmp/Release
+/usr/lib/apt/apt-helper $P download-file http://example.org/ /tmp/other >/dev/null 2>&1 || echo refused";
+    let out = imgvm(["run", "--", "sh", "-c", script]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stdout, "Codename: trixie\nrefused\n", "{stderr}");
+    assert!(
+        stderr.contains("package proxy: refused http://example.org/"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn doctor_reports_what_the_machine_has() {
     let out = imgvm(["doctor"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -72,6 +72,18 @@ impl Fetcher {
         })
     }
 
+    /// Streams `url` into a new temporary file in `dir`, unverified: for clients that
+    /// verify themselves (apt in the guest, through the package proxy).
+    pub fn fetch(&self, url: &str, dir: &Path) -> Result<tempfile::NamedTempFile> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        self.retry(url, false, || {
+            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+            let n = std::io::copy(&mut self.open(url)?, tmp.as_file_mut())?;
+            self.count(n);
+            Ok(tmp)
+        })
+    }
+
     /// Streams `url` to `dest`, checking size and SHA256 on the way; `dest` appears only
     /// when both match.
     pub fn download(&self, url: &str, sha256: &str, size: u64, dest: &Path) -> Result<()> {
@@ -146,7 +158,7 @@ impl Fetcher {
 
 #[derive(Debug, thiserror::Error)]
 #[error("HTTP status {0}")]
-struct Status(u16);
+pub struct Status(pub u16);
 
 /// Size or hash differs from the signed index: typically a mirror caught mid-sync.
 #[derive(Debug, thiserror::Error)]

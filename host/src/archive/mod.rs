@@ -9,7 +9,7 @@ mod packages;
 mod release;
 
 pub use deb::extract_data;
-pub use fetch::{hex, Fetcher, Stats};
+pub use fetch::{hex, Fetcher, Stats, Status};
 pub use packages::{Package, PackageIndex};
 
 use crate::arch::Arch;

@@ -36,6 +36,7 @@ pub struct Vm {
     transport: vsock::Transport,
     console: console::Console,
     qmp_path: PathBuf,
+    proxy_task: Option<tokio::task::JoinHandle<()>>,
     pub accel: Accel,
     // Last: removed after the processes that use it are gone.
     _dir: tempfile::TempDir,
@@ -67,6 +68,7 @@ impl Vm {
                         transport,
                         console,
                         qmp_path: dir.path().join("qmp.sock"),
+                        proxy_task: None,
                         accel: config.accel,
                         _dir: dir,
                     })
@@ -154,6 +156,18 @@ impl Vm {
         }
     }
 
+    /// Serves the guest's package proxy through `proxy` until the VM is dropped.
+    pub fn serve_proxy(&mut self, proxy: std::sync::Arc<crate::proxy::Proxy>) {
+        let Some(listener) = self.transport.take_proxy() else {
+            return;
+        };
+        self.proxy_task = Some(tokio::spawn(async move {
+            while let Ok((reader, writer)) = listener.accept().await {
+                tokio::spawn(proxy.clone().serve(reader, writer));
+            }
+        }));
+    }
+
     /// The last lines the VM printed on its serial console.
     pub fn console_tail(&self, lines: usize) -> String {
         self.console.tail(lines)
@@ -178,6 +192,14 @@ impl Vm {
         }
         self.transport.stop().await;
         Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(task) = self.proxy_task.take() {
+            task.abort();
+        }
     }
 }
 

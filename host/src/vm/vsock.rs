@@ -25,12 +25,23 @@ pub enum Transport {
         cid: u32,
         port: u32,
         listener: tokio_vsock::VsockListener,
+        proxy: Option<tokio_vsock::VsockListener>,
     },
     User {
         device: Child,
         socket: PathBuf,
         listener: tokio::net::UnixListener,
+        proxy: Option<tokio::net::UnixListener>,
     },
+}
+
+/// Where the guest's package proxy connections arrive: the agent's port plus one.
+pub enum ProxyListener {
+    Kernel {
+        cid: u32,
+        listener: tokio_vsock::VsockListener,
+    },
+    User(tokio::net::UnixListener),
 }
 
 /// The agent's connection, whichever transport carried it.
@@ -70,11 +81,16 @@ impl Transport {
     fn kernel() -> Result<Transport> {
         for _ in 0..16 {
             let port = 10_000 + random_u32() % 50_000;
-            let addr = tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, port);
-            if let Ok(listener) = tokio_vsock::VsockListener::bind(addr) {
+            let bind = |port| tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, port));
+            if let (Ok(listener), Ok(proxy)) = (bind(port), bind(port + 1)) {
                 let cid = 3 + random_u32() % (u32::MAX - 16);
                 tracing::info!("vsock: kernel vhost-vsock, guest CID {cid}");
-                return Ok(Transport::Kernel { cid, port, listener });
+                return Ok(Transport::Kernel {
+                    cid,
+                    port,
+                    listener,
+                    proxy: Some(proxy),
+                });
             }
         }
         bail!("no free vsock port to listen on")
@@ -85,6 +101,7 @@ impl Transport {
         let uds = dir.join("vsock");
         // Bind before the guest can connect.
         let listener = tokio::net::UnixListener::bind(format!("{}_{AGENT_PORT}", uds.display()))?;
+        let proxy = tokio::net::UnixListener::bind(format!("{}_{}", uds.display(), AGENT_PORT + 1))?;
         let mut device = Command::new(binary)
             .arg("--guest-cid=3")
             .arg("--socket")
@@ -104,6 +121,7 @@ impl Transport {
                     device,
                     socket,
                     listener,
+                    proxy: Some(proxy),
                 });
             }
             if let Some(status) = device.try_wait()? {
@@ -155,9 +173,38 @@ impl Transport {
         }
     }
 
+    /// The package proxy's listener, to be served by its own task.
+    pub fn take_proxy(&mut self) -> Option<ProxyListener> {
+        match self {
+            Transport::Kernel { cid, proxy, .. } => proxy
+                .take()
+                .map(|listener| ProxyListener::Kernel { cid: *cid, listener }),
+            Transport::User { proxy, .. } => proxy.take().map(ProxyListener::User),
+        }
+    }
+
     pub async fn stop(&mut self) {
         if let Transport::User { device, .. } = self {
             let _ = device.kill().await;
+        }
+    }
+}
+
+impl ProxyListener {
+    pub async fn accept(&self) -> std::io::Result<Connection> {
+        match self {
+            ProxyListener::Kernel { cid, listener } => loop {
+                let (stream, peer) = listener.accept().await?;
+                if peer.cid() == *cid {
+                    let (r, w) = tokio::io::split(stream);
+                    return Ok((Box::new(r), Box::new(w)));
+                }
+            },
+            ProxyListener::User(listener) => {
+                let (stream, _) = listener.accept().await?;
+                let (r, w) = stream.into_split();
+                Ok((Box::new(r), Box::new(w)))
+            }
         }
     }
 }

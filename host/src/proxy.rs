@@ -1,0 +1,233 @@
+//! The host end of the guest's package proxy (see the agent's `proxy`): a minimal
+//! HTTP/1.1 forward proxy that answers GET and HEAD for URLs under the allowed mirrors
+//! and nothing else, so code in the guest cannot reach anything else the host can.
+//!
+//! Pool files and by-hash indexes never change once published, so they are cached by
+//! URL; everything else (release files, indexes by name) is fetched anew each time. apt
+//! in the guest verifies what it gets, as it would from any mirror.
+
+use crate::archive::{hex, Fetcher, Status};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+
+/// Longest request head accepted from the guest.
+const MAX_HEAD: usize = 16 * 1024;
+
+pub struct Proxy {
+    allowed: Vec<String>,
+    fetcher: Fetcher,
+    cache: PathBuf,
+}
+
+impl Proxy {
+    /// `mirrors` are URL prefixes such as `http://deb.debian.org/debian`.
+    pub fn new(mirrors: &[String], fetcher: Fetcher) -> Arc<Proxy> {
+        let allowed = mirrors
+            .iter()
+            .map(|m| format!("{}/", m.trim_end_matches('/')))
+            .collect();
+        Arc::new(Proxy {
+            allowed,
+            fetcher,
+            cache: crate::cache::dir().join("proxy"),
+        })
+    }
+
+    /// Serves one tunnelled connection until the guest closes it.
+    pub async fn serve(self: Arc<Self>, reader: impl AsyncRead + Unpin, mut writer: impl AsyncWrite + Unpin) {
+        let mut reader = BufReader::new(reader);
+        loop {
+            let head = match read_head(&mut reader).await {
+                Ok(Some(head)) => head,
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = respond(&mut writer, 400, &e, true).await;
+                    return;
+                }
+            };
+            let close = head.close;
+            if self.answer(head, &mut writer).await.is_err() || close {
+                return;
+            }
+        }
+    }
+
+    async fn answer(&self, head: Head, writer: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<()> {
+        if head.method != "GET" && head.method != "HEAD" {
+            return respond(writer, 405, "only GET and HEAD", head.close).await;
+        }
+        if !self.allowed.iter().any(|prefix| head.url.starts_with(prefix.as_str())) || head.url.contains("/../") {
+            tracing::warn!("package proxy: refused {} (not under an allowed mirror)", head.url);
+            return respond(writer, 403, "not under an allowed mirror", head.close).await;
+        }
+        let file = match self.file(&head.url).await {
+            Ok(file) => file,
+            Err(e) => {
+                let status = match e.root_cause().downcast_ref::<Status>() {
+                    Some(Status(code)) => *code,
+                    None => 502,
+                };
+                tracing::debug!("package proxy: {} -> {status}: {e:#}", head.url);
+                return respond(writer, status, &format!("{e:#}"), head.close).await;
+            }
+        };
+        let mut source = tokio::fs::File::open(file.path()).await?;
+        let len = source.metadata().await?.len();
+        let connection = if head.close { "close" } else { "keep-alive" };
+        let header = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: {connection}\r\n\r\n"
+        );
+        writer.write_all(header.as_bytes()).await?;
+        if head.method == "GET" {
+            tokio::io::copy(&mut source, writer).await?;
+        }
+        writer.flush().await
+    }
+
+    /// The body of `url`: from the cache, or fetched (and cached when immutable).
+    async fn file(&self, url: &str) -> anyhow::Result<Body> {
+        let immutable = url.contains("/pool/") || url.contains("/by-hash/");
+        let cached = self.cache.join(hex(&Sha256::digest(url.as_bytes())));
+        if immutable && cached.is_file() {
+            return Ok(Body::Cached(cached));
+        }
+        let (fetcher, url, dir) = (self.fetcher.clone(), url.to_owned(), self.cache.clone());
+        let tmp = tokio::task::spawn_blocking(move || fetcher.fetch(&url, &dir)).await??;
+        if immutable {
+            tmp.persist(&cached)?;
+            return Ok(Body::Cached(cached));
+        }
+        Ok(Body::Fresh(tmp))
+    }
+}
+
+enum Body {
+    Cached(PathBuf),
+    /// Removed once served.
+    Fresh(tempfile::NamedTempFile),
+}
+
+impl Body {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Body::Cached(path) => path,
+            Body::Fresh(tmp) => tmp.path(),
+        }
+    }
+}
+
+struct Head {
+    method: String,
+    url: String,
+    close: bool,
+}
+
+async fn read_head(reader: &mut (impl AsyncBufReadExt + Unpin)) -> Result<Option<Head>, String> {
+    let mut lines = Vec::new();
+    let mut total = 0;
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return if lines.is_empty() {
+                Ok(None)
+            } else {
+                Err("truncated request".into())
+            };
+        }
+        total += n;
+        if total > MAX_HEAD {
+            return Err("request head too large".into());
+        }
+        let line = line.trim_end_matches(['\r', '\n']).to_owned();
+        if line.is_empty() {
+            if lines.is_empty() {
+                continue;
+            }
+            break;
+        }
+        lines.push(line);
+    }
+    let mut request = lines[0].split(' ');
+    let (Some(method), Some(url), Some(version)) = (request.next(), request.next(), request.next()) else {
+        return Err(format!("malformed request line `{}`", lines[0]));
+    };
+    let close = version == "HTTP/1.0"
+        || lines[1..].iter().any(|h| {
+            h.split_once(':')
+                .is_some_and(|(k, v)| k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close"))
+        });
+    Ok(Some(Head {
+        method: method.to_owned(),
+        url: url.to_owned(),
+        close,
+    }))
+}
+
+async fn respond(
+    writer: &mut (impl AsyncWrite + Unpin),
+    status: u16,
+    message: &str,
+    close: bool,
+) -> std::io::Result<()> {
+    let reason = match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Bad Gateway",
+    };
+    let body = format!("imgvm package proxy: {message}\n");
+    let connection = if close { "close" } else { "keep-alive" };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: {connection}\r\n\r\n{body}",
+        body.len()
+    );
+    writer.write_all(response.as_bytes()).await?;
+    writer.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn exchange(proxy: Arc<Proxy>, request: &str) -> String {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (server_r, server_w) = tokio::io::split(server);
+        let task = tokio::spawn(proxy.serve(server_r, server_w));
+        let (mut client_r, mut client_w) = tokio::io::split(client);
+        // Each request asks for the connection to be closed after the answer.
+        client_w.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut client_r, &mut out)
+            .await
+            .unwrap();
+        task.await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn refuses_urls_outside_the_mirrors() {
+        let proxy = Proxy::new(&["http://deb.debian.org/debian".into()], Fetcher::default());
+        for url in [
+            "http://127.0.0.1:8080/secret",
+            "http://deb.debian.org/debian-evil/x",
+            "http://deb.debian.org/debian/../etc",
+        ] {
+            let request = format!("GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let out = exchange(proxy.clone(), &request).await;
+            assert!(out.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{url}: {out}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_other_methods_and_garbage() {
+        let proxy = Proxy::new(&["http://deb.debian.org/debian".into()], Fetcher::default());
+        let out = exchange(proxy.clone(), "POST http://deb.debian.org/debian/x HTTP/1.0\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.1 405 "), "{out}");
+        let out = exchange(proxy, "nonsense\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    }
+}

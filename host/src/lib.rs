@@ -15,6 +15,7 @@ pub mod doctor;
 pub mod helper;
 pub mod progress;
 pub mod proxy;
+pub mod recipe;
 pub mod run;
 pub mod session;
 pub mod vm;

@@ -39,6 +39,23 @@ enum Cmd {
     /// Assemble or inspect the helper VM's appliance.
     #[command(subcommand)]
     Appliance(ApplianceCmd),
+    /// Check recipes without building them.
+    #[command(subcommand)]
+    Recipe(RecipeCmd),
+}
+
+#[derive(Subcommand)]
+enum RecipeCmd {
+    /// Read and validate a recipe (with everything it extends) and summarise it.
+    Check {
+        recipe: PathBuf,
+        /// Architecture to check it for (default: the recipe's, else the host's).
+        #[arg(long)]
+        arch: Option<Arch>,
+        /// Print the merged recipe as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -131,6 +148,36 @@ async fn dispatch(command: Cmd) -> Result<u8> {
     match command {
         Cmd::Doctor => Ok(if imgvm::doctor::run() { 0 } else { 1 }),
         Cmd::Run(args) => run(args).await,
+        Cmd::Recipe(RecipeCmd::Check { recipe, arch, json }) => {
+            let recipe = imgvm::recipe::Recipe::load(&recipe, arch)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&recipe)?);
+            } else {
+                println!(
+                    "{}: {} {} for {}",
+                    recipe.file.display(),
+                    recipe.name,
+                    recipe.suite,
+                    recipe.arch
+                );
+                println!("  disk: {} {:?}", recipe.disk_size, recipe.table);
+                for part in &recipe.partitions {
+                    let size = part.size.map_or("rest".to_owned(), |s| s.to_string());
+                    let mount = part.mount.as_deref().unwrap_or("-");
+                    println!(
+                        "    {:<10} {:<9} {:>8}  {mount}",
+                        part.name,
+                        format!("{:?}", part.kind),
+                        size
+                    );
+                }
+                println!("  packages: {}", recipe.packages.len());
+                let steps: Vec<&str> = recipe.steps.iter().map(|s| s.kind()).collect();
+                println!("  steps: {}", steps.join(", "));
+                println!("  outputs: {:?}", recipe.outputs);
+            }
+            Ok(0)
+        }
         Cmd::Appliance(ApplianceCmd::Build { vm, refresh }) => {
             let spec = imgvm::appliance::Spec::new(vm.arch, vm.mirror.as_deref(), vm.suite.as_deref())?;
             let fetcher = imgvm::archive::Fetcher::default();

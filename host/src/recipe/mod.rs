@@ -1,0 +1,51 @@
+//! Recipes: the declarative description of an image (see `images/`). This module reads
+//! and checks them; everything after works on the merged, valid [`Recipe`].
+
+mod error;
+mod load;
+mod model;
+mod size;
+mod validate;
+
+pub use error::RecipeError;
+pub use model::*;
+pub use size::Size;
+
+use crate::arch::Arch;
+use std::path::{Path, PathBuf};
+
+/// A recipe with its `extends` chain and per-architecture parts merged in, checked.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Recipe {
+    pub name: String,
+    pub description: Option<String>,
+    pub arch: Arch,
+    pub suite: String,
+    /// The mirror packages come from (a snapshot.debian.org URL with `snapshot:`).
+    pub mirror: String,
+    pub components: Vec<String>,
+    pub disk_size: Size,
+    pub table: TableKind,
+    pub partitions: Vec<Partition>,
+    pub packages: Vec<String>,
+    /// Always starts with bootstrap and ends with finalize.
+    pub steps: Vec<Step>,
+    pub outputs: Vec<OutputFormat>,
+    #[serde(skip)]
+    pub tests: Vec<serde_yaml_ng::Value>,
+    pub file: PathBuf,
+    /// SHA256 over every file of the recipe, for the manifest.
+    pub hash: String,
+}
+
+impl Recipe {
+    /// Reads `path` for `arch` (else the recipe's own `arch`, else the host's).
+    pub fn load(path: &Path, arch: Option<Arch>) -> Result<Recipe, RecipeError> {
+        load::load(path, arch)
+    }
+
+    /// The directory `copy` steps are relative to.
+    pub fn dir(&self) -> &Path {
+        self.file.parent().unwrap_or(Path::new("."))
+    }
+}

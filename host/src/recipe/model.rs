@@ -1,0 +1,400 @@
+//! What a recipe file may say. Every type here rejects what it does not know, so a typo
+//! is an error at its line and column rather than a silently ignored setting.
+
+use super::size::Size;
+use crate::arch::Arch;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One recipe file (or one `per_arch` part of it), before merging.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Body {
+    /// Recipes this one builds on, relative to this file; theirs first, then this one's.
+    #[serde(default)]
+    pub extends: Vec<String>,
+    /// `${name}` in any string of this file and the files extending it.
+    #[serde(default)]
+    pub variables: BTreeMap<String, String>,
+    /// Additions for one architecture, merged after everything else.
+    #[serde(default)]
+    pub per_arch: BTreeMap<Arch, Body>,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// The architecture built when `--arch` is not given.
+    pub arch: Option<Arch>,
+    /// The architectures this recipe can build.
+    pub arches: Option<Vec<Arch>>,
+    pub suite: Option<String>,
+    pub mirror: Option<Mirror>,
+    /// A snapshot.debian.org timestamp (`20261120T000000Z`); replaces the mirror.
+    pub snapshot: Option<Snapshot>,
+    pub components: Option<Vec<String>>,
+    pub disk: Option<DiskBody>,
+    /// Installed with the bootstrap. Lists from all files are concatenated.
+    pub packages: Option<Vec<String>>,
+    /// Run in order. Lists from all files are concatenated. Written `- apt: {...}`.
+    #[serde(default, with = "serde_yaml_ng::with::singleton_map_recursive")]
+    pub steps: Option<Vec<Step>>,
+    pub outputs: Option<Vec<OutputFormat>>,
+    /// Offline checks of the built image (see `imgvm test`).
+    pub tests: Option<Vec<serde_yaml_ng::Value>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskBody {
+    pub size: Option<Size>,
+    pub table: Option<TableKind>,
+    pub partitions: Option<Vec<Partition>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableKind {
+    Gpt,
+    Msdos,
+    /// A single filesystem on the whole disk.
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    /// How steps and messages refer to the partition.
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: PartitionKind,
+    /// Absent for the last partition, which takes the rest of the disk (root, so that it
+    /// can grow).
+    pub size: Option<Size>,
+    /// The partition number (Debian's images use 14 for BIOS boot, 15 for the ESP and
+    /// PReP, 1 for root). Default: the position in the list.
+    pub number: Option<u32>,
+    pub filesystem: Option<Filesystem>,
+    pub label: Option<String>,
+    pub mount: Option<String>,
+    /// Mount options for fstab, e.g. `discard,errors=remount-ro`.
+    pub options: Option<String>,
+    /// Extra arguments for mkfs, e.g. `["-O", "^metadata_csum_seed"]`.
+    #[serde(default)]
+    pub mkfs_options: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartitionKind {
+    BiosBoot,
+    Esp,
+    Prep,
+    Root,
+    Linux,
+    Swap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Filesystem {
+    Ext4,
+    Xfs,
+    Btrfs,
+    Vfat,
+    Swap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputFormat {
+    Raw,
+    Qcow2,
+    Qcow2Compressed,
+    Vmdk,
+    Vhd,
+    GceTar,
+    Rootfs,
+}
+
+/// An `http://` or `https://` URL without a trailing slash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mirror(pub String);
+
+impl<'de> Deserialize<'de> for Mirror {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let rest = s.strip_prefix("http://").or_else(|| s.strip_prefix("https://"));
+        match rest {
+            Some(host) if !host.is_empty() && !host.starts_with('/') => Ok(Mirror(s.trim_end_matches('/').to_owned())),
+            _ => Err(serde::de::Error::custom(format!(
+                "invalid mirror `{s}`: expected an http:// or https:// URL"
+            ))),
+        }
+    }
+}
+
+/// `YYYYMMDDTHHMMSSZ`, as snapshot.debian.org names its states.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Snapshot(pub String);
+
+impl<'de> Deserialize<'de> for Snapshot {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let b = s.as_bytes();
+        let ok =
+            b.len() == 16 && b[8] == b'T' && b[15] == b'Z' && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
+        if ok {
+            Ok(Snapshot(s))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "invalid snapshot `{s}`: expected a timestamp like 20261120T000000Z"
+            )))
+        }
+    }
+}
+
+/// The steps, in the order a recipe lists them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Step {
+    /// mmdebstrap into the mounted target (the first step; added when missing).
+    Bootstrap(Bootstrap),
+    Apt(Apt),
+    File(File),
+    /// Host files or directories, relative to the recipe, streamed into the image.
+    Copy(Copy),
+    Run(Run),
+    Users(Vec<User>),
+    Hostname(String),
+    Locale(String),
+    Timezone(String),
+    AptSources(AptSources),
+    Services(Services),
+    Fstab(Fstab),
+    Bootloader(Bootloader),
+    /// Cleanup that makes the image fresh at first boot (the last step; added when
+    /// missing).
+    Finalize(Finalize),
+}
+
+impl PartitionKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PartitionKind::BiosBoot => "bios-boot",
+            PartitionKind::Esp => "esp",
+            PartitionKind::Prep => "prep",
+            PartitionKind::Root => "root",
+            PartitionKind::Linux => "linux",
+            PartitionKind::Swap => "swap",
+        }
+    }
+}
+
+impl Step {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Step::Bootstrap(_) => "bootstrap",
+            Step::Apt(_) => "apt",
+            Step::File(_) => "file",
+            Step::Copy(_) => "copy",
+            Step::Run(_) => "run",
+            Step::Users(_) => "users",
+            Step::Hostname(_) => "hostname",
+            Step::Locale(_) => "locale",
+            Step::Timezone(_) => "timezone",
+            Step::AptSources(_) => "apt-sources",
+            Step::Services(_) => "services",
+            Step::Fstab(_) => "fstab",
+            Step::Bootloader(_) => "bootloader",
+            Step::Finalize(_) => "finalize",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    #[serde(default)]
+    pub variant: BootstrapVariant,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootstrapVariant {
+    #[default]
+    Minbase,
+    Essential,
+    Apt,
+    Required,
+    Important,
+    Standard,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Apt {
+    #[serde(default)]
+    pub install: Vec<String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+    #[serde(default)]
+    pub purge: Vec<String>,
+    #[serde(default)]
+    pub upgrade: bool,
+    #[serde(default)]
+    pub recommends: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub path: String,
+    pub content: String,
+    #[serde(default = "default_file_mode")]
+    pub mode: Mode,
+    #[serde(default = "root")]
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Copy {
+    pub from: String,
+    pub to: String,
+    #[serde(default = "root")]
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Run {
+    /// A shell script (run with `sh -e`)...
+    pub script: Option<String>,
+    /// ...or a command.
+    pub command: Option<Vec<String>>,
+    /// Inside the image (the default) or in the helper VM, with the image at /target.
+    #[serde(default = "yes")]
+    pub chroot: bool,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default = "bash")]
+    pub shell: String,
+    /// Authorized SSH keys. The password is always locked.
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    #[serde(default)]
+    pub sudo: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AptSources {
+    /// deb822 `.sources` files (the default) or one-line `.list` files.
+    #[serde(default)]
+    pub format: SourcesFormat,
+    /// The file name, without directory or extension.
+    pub name: String,
+    pub entries: Vec<SourceEntry>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourcesFormat {
+    #[default]
+    Deb822,
+    List,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceEntry {
+    #[serde(default = "deb")]
+    pub types: Vec<String>,
+    pub uris: Vec<String>,
+    pub suites: Vec<String>,
+    pub components: Vec<String>,
+    pub signed_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Services {
+    #[serde(default)]
+    pub enable: Vec<String>,
+    #[serde(default)]
+    pub disable: Vec<String>,
+    #[serde(default)]
+    pub mask: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fstab {
+    #[serde(default)]
+    pub by: FstabKey,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FstabKey {
+    #[default]
+    Uuid,
+    Partuuid,
+    Label,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootloader {
+    /// Appended to the kernel command line (the serial console is always on it).
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default)]
+    pub timeout: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Finalize {
+    /// Run fstrim on the filesystems so the image stays sparse.
+    #[serde(default = "yes")]
+    pub trim: bool,
+}
+
+/// An octal file mode (`0644`, `"0600"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Mode(pub u32);
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match u32::from_str_radix(&s, 8) {
+            Ok(mode) if mode <= 0o7777 => Ok(Mode(mode)),
+            _ => Err(serde::de::Error::custom(format!(
+                "invalid file mode `{s}`: expected octal such as 0644"
+            ))),
+        }
+    }
+}
+
+fn default_file_mode() -> Mode {
+    Mode(0o644)
+}
+fn root() -> String {
+    "root".into()
+}
+fn yes() -> bool {
+    true
+}
+fn bash() -> String {
+    "/bin/bash".into()
+}
+fn deb() -> Vec<String> {
+    vec!["deb".into()]
+}

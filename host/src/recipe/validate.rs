@@ -1,0 +1,208 @@
+//! Checks of the merged recipe as a whole: what no single field can know by itself.
+
+use super::error::RecipeError;
+use super::model::*;
+use super::Recipe;
+use crate::arch::Arch;
+use std::collections::BTreeSet;
+
+/// Room the partition table needs around the partitions: 1 MiB for alignment at the
+/// start, 1 MiB for GPT's backup header at the end.
+const TABLE_OVERHEAD: u64 = 2 << 20;
+
+pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (usize, usize)) -> Result<(), RecipeError> {
+    let fail = |needle: &str, message: String| {
+        let (line, column) = locate(needle);
+        Err(RecipeError::new(&recipe.file, line, column, message))
+    };
+    let arch = recipe.arch;
+    let parts = &recipe.partitions;
+
+    if recipe.table == TableKind::None {
+        if parts.len() != 1 {
+            return fail(
+                "table:",
+                format!("`table: none` takes exactly one partition, not {}", parts.len()),
+            );
+        }
+    } else if parts.is_empty() {
+        return fail("disk:", "disk.partitions: at least one partition is needed".into());
+    }
+    let mut names = BTreeSet::new();
+    let mut mounts = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
+    let mut fixed = 0u64;
+    for (i, part) in parts.iter().enumerate() {
+        let here = format!("name: {}", part.name);
+        let what = format!("partition `{}`", part.name);
+        if !names.insert(&part.name) {
+            return fail(&here, format!("{what}: another partition has the same name"));
+        }
+        match part.size {
+            Some(size) => fixed += size.bytes(),
+            None if i + 1 != parts.len() => {
+                return fail(
+                    &here,
+                    format!("{what}: only the last partition may leave out `size` (it takes the rest of the disk)"),
+                );
+            }
+            None => {}
+        }
+        let number = part.number.unwrap_or(i as u32 + 1);
+        let max = if recipe.table == TableKind::Msdos { 4 } else { 128 };
+        if number == 0 || number > max {
+            return fail(
+                &here,
+                format!("{what}: partition number {number} is out of range 1..={max}"),
+            );
+        }
+        if !numbers.insert(number) {
+            return fail(&here, format!("{what}: partition number {number} is used twice"));
+        }
+        match (part.kind, part.filesystem) {
+            (PartitionKind::BiosBoot | PartitionKind::Prep, Some(fs)) => {
+                return fail(
+                    &here,
+                    format!(
+                        "{what}: a {} partition holds no filesystem, not {fs:?}",
+                        part.kind.name()
+                    ),
+                );
+            }
+            (PartitionKind::Esp, fs) if fs != Some(Filesystem::Vfat) => {
+                return fail(
+                    &here,
+                    format!("{what}: an EFI system partition needs `filesystem: vfat`"),
+                );
+            }
+            _ => {}
+        }
+        let arch_ok = match part.kind {
+            PartitionKind::BiosBoot => arch == Arch::Amd64 && recipe.table == TableKind::Gpt,
+            PartitionKind::Prep => arch == Arch::Ppc64el,
+            PartitionKind::Esp => arch != Arch::Ppc64el,
+            _ => true,
+        };
+        if !arch_ok {
+            let table = format!("{:?}", recipe.table).to_lowercase();
+            return fail(
+                &here,
+                format!(
+                    "{what}: type {} does not fit {arch} with a {table} table",
+                    part.kind.name()
+                ),
+            );
+        }
+        if let Some(mount) = &part.mount {
+            if !mount.starts_with('/') {
+                return fail(&here, format!("{what}: mount point `{mount}` is not absolute"));
+            }
+            if matches!(part.filesystem, None | Some(Filesystem::Swap)) {
+                return fail(&here, format!("{what}: is mounted at {mount} but has no filesystem"));
+            }
+            if !mounts.insert(mount.as_str()) {
+                return fail(&here, format!("{what}: another partition is mounted at {mount}"));
+            }
+        }
+    }
+    if !mounts.contains("/") {
+        return fail("partitions:", "disk.partitions: no partition is mounted at /".into());
+    }
+    if fixed + TABLE_OVERHEAD > recipe.disk_size.bytes() {
+        return fail(
+            "size:",
+            format!(
+                "the partitions need {} but the disk is {}",
+                super::size::Size(fixed + TABLE_OVERHEAD),
+                recipe.disk_size
+            ),
+        );
+    }
+
+    let last = recipe.steps.len() - 1;
+    let mut outputs = BTreeSet::new();
+    for format in &recipe.outputs {
+        if !outputs.insert(format!("{format:?}")) {
+            return fail("outputs:", format!("output {format:?} is listed twice"));
+        }
+    }
+    for (i, step) in recipe.steps.iter().enumerate() {
+        let what = format!("step {} ({})", i + 1, step.kind());
+        let needle = format!("- {}:", step.kind());
+        match step {
+            Step::Bootstrap(_) if i != 0 => return fail(&needle, format!("{what}: bootstrap must be the first step")),
+            Step::Finalize(_) if i != last => return fail(&needle, format!("{what}: finalize must be the last step")),
+            Step::File(file) if !file.path.starts_with('/') => {
+                return fail(&file.path, format!("{what}: path `{}` is not absolute", file.path));
+            }
+            Step::Copy(copy) => {
+                if !copy.to.starts_with('/') {
+                    return fail(&copy.to, format!("{what}: destination `{}` is not absolute", copy.to));
+                }
+                let source = recipe.dir().join(&copy.from);
+                if !source.exists() {
+                    return fail(
+                        &copy.from,
+                        format!(
+                            "{what}: `{}` does not exist (looked for {})",
+                            copy.from,
+                            source.display()
+                        ),
+                    );
+                }
+            }
+            Step::Run(run) if run.script.is_some() == run.command.is_some() => {
+                return fail(&needle, format!("{what}: give either `script` or `command`"));
+            }
+            Step::AptSources(sources)
+                if sources.name.is_empty()
+                    || !sources
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) =>
+            {
+                return fail(
+                    &needle,
+                    format!("{what}: `{}` is not a valid sources file name", sources.name),
+                );
+            }
+            Step::Bootloader(_) => {
+                let has = |kind| parts.iter().any(|p| p.kind == kind);
+                let ok = recipe.table != TableKind::None
+                    && match arch {
+                        Arch::Amd64 => {
+                            has(PartitionKind::Esp) || has(PartitionKind::BiosBoot) || recipe.table == TableKind::Msdos
+                        }
+                        Arch::Arm64 => has(PartitionKind::Esp),
+                        Arch::Ppc64el => has(PartitionKind::Prep),
+                    };
+                if !ok {
+                    let need = match arch {
+                        Arch::Amd64 => "an esp or a bios-boot partition",
+                        Arch::Arm64 => "an esp partition",
+                        Arch::Ppc64el => "a prep partition",
+                    };
+                    return fail(&needle, format!("{what}: a bootable {arch} disk needs {need}"));
+                }
+            }
+            Step::Users(users) => {
+                for user in users {
+                    let valid = !user.name.is_empty()
+                        && user
+                            .name
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
+                        && !user.name.starts_with('-');
+                    if !valid {
+                        return fail(
+                            &format!("name: {}", user.name),
+                            format!("{what}: `{}` is not a valid user name", user.name),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! Recipes: every recipe in images/ is valid for the architectures it names, and each
+//! kind of mistake gets its own exact message with file, line and column.
+
+use imgvm::arch::Arch;
+use imgvm::recipe::Recipe;
+use std::path::{Path, PathBuf};
+
+const BASE: &str = "name: test
+suite: trixie
+disk:
+  size: 2GiB
+  partitions:
+    - {name: esp, type: esp, size: 100MiB, filesystem: vfat, mount: /boot/efi}
+    - {name: root, type: root, filesystem: ext4, mount: /}
+";
+
+/// Writes `files` (name, content) into a fresh directory and loads the first as a recipe.
+fn load(files: &[(&str, &str)], arch: Arch) -> (tempfile::TempDir, Result<Recipe, String>) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.path().join(name), content).unwrap();
+    }
+    let result = Recipe::load(&dir.path().join(files[0].0), Some(arch)).map_err(|e| e.to_string());
+    (dir, result)
+}
+
+/// The error for a one-file recipe, with the temporary directory replaced by `DIR`.
+fn error(recipe: &str, arch: Arch) -> String {
+    error_of(&[("r.yaml", recipe)], arch)
+}
+
+fn error_of(files: &[(&str, &str)], arch: Arch) -> String {
+    let (dir, result) = load(files, arch);
+    let err = result.expect_err("the recipe should be rejected");
+    err.replace(&dir.path().display().to_string(), "DIR")
+}
+
+#[test]
+fn base_recipe_is_valid() {
+    let (_dir, recipe) = load(&[("r.yaml", BASE)], Arch::Arm64);
+    let recipe = recipe.unwrap();
+    let kinds: Vec<&str> = recipe.steps.iter().map(|s| s.kind()).collect();
+    assert_eq!(kinds, ["bootstrap", "finalize"], "bootstrap and finalize are implied");
+    assert_eq!(recipe.mirror, "http://deb.debian.org/debian");
+}
+
+#[test]
+fn yaml_syntax_error() {
+    assert_eq!(
+        error("name: test\nsuite: [trixie\n", Arch::Amd64),
+        "DIR/r.yaml:3:1: did not find expected ',' or ']', while parsing a flow sequence"
+    );
+}
+
+#[test]
+fn misspelt_field() {
+    let err = error(&format!("{BASE}pakages: [vim]\n"), Arch::Amd64);
+    assert!(
+        err.starts_with("DIR/r.yaml:8:1: unknown field `pakages`, expected one of"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_step() {
+    let err = error(
+        &format!("{BASE}steps:\n  - apt: {{install: [vim]}}\n  - aptt: {{install: [vim]}}\n"),
+        Arch::Amd64,
+    );
+    assert!(
+        err.starts_with("DIR/r.yaml:10:5: steps[1]: unknown variant `aptt`, expected one of"),
+        "{err}"
+    );
+}
+
+#[test]
+fn misspelt_step_option() {
+    let err = error(&format!("{BASE}steps:\n  - apt: {{instal: [vim]}}\n"), Arch::Amd64);
+    assert!(
+        err.starts_with("DIR/r.yaml:9:11: steps[0].apt: unknown field `instal`, expected one of"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_size() {
+    assert_eq!(
+        error(&BASE.replace("size: 2GiB", "size: 2XB"), Arch::Amd64),
+        "DIR/r.yaml:4:9: disk: invalid size `2XB`: unknown unit `XB` (use B, KiB, MiB, GiB or TiB)"
+    );
+}
+
+#[test]
+fn file_mode_must_be_octal() {
+    let recipe = format!("{BASE}steps:\n  - file: {{path: /etc/motd, content: hi, mode: 0999}}\n");
+    assert_eq!(
+        error(&recipe, Arch::Amd64),
+        "DIR/r.yaml:9:48: steps[0].file: invalid file mode `0999`: expected octal such as 0644"
+    );
+}
+
+#[test]
+fn unknown_variable() {
+    assert_eq!(
+        error(&BASE.replace("suite: trixie", "suite: ${release}"), Arch::Amd64),
+        "DIR/r.yaml:2:8: unknown variable `release` (none are defined)"
+    );
+}
+
+#[test]
+fn missing_name() {
+    assert_eq!(
+        error(&BASE.replace("name: test\n", ""), Arch::Amd64),
+        "DIR/r.yaml: missing field `name`"
+    );
+}
+
+#[test]
+fn only_the_last_partition_may_take_the_rest() {
+    let recipe = BASE.replace("{name: esp, type: esp, size: 100MiB,", "{name: esp, type: esp,");
+    assert_eq!(
+        error(&recipe, Arch::Amd64),
+        "DIR/r.yaml:6:8: partition `esp`: only the last partition may leave out `size` (it takes the rest of the disk)"
+    );
+}
+
+#[test]
+fn nothing_mounted_at_root() {
+    assert_eq!(
+        error(&BASE.replace("mount: /}", "mount: /srv}"), Arch::Amd64),
+        "DIR/r.yaml:5:3: disk.partitions: no partition is mounted at /"
+    );
+}
+
+#[test]
+fn partitions_larger_than_the_disk() {
+    assert_eq!(
+        error(&BASE.replace("size: 100MiB", "size: 3GiB"), Arch::Amd64),
+        "DIR/r.yaml:4:3: the partitions need 3074MiB but the disk is 2GiB"
+    );
+}
+
+#[test]
+fn bios_boot_partition_on_arm64() {
+    let recipe = BASE.replace(
+        "    - {name: esp",
+        "    - {name: bios, type: bios-boot, size: 1MiB}\n    - {name: esp",
+    );
+    assert_eq!(
+        error(&recipe, Arch::Arm64),
+        "DIR/r.yaml:6:8: partition `bios`: type bios-boot does not fit arm64 with a gpt table"
+    );
+}
+
+#[test]
+fn bootloader_needs_a_boot_partition() {
+    let recipe = format!(
+        "{}steps:\n  - bootloader: {{}}\n",
+        BASE.replace("type: esp", "type: linux")
+    );
+    assert_eq!(
+        error(&recipe, Arch::Arm64),
+        "DIR/r.yaml:9:3: step 2 (bootloader): a bootable arm64 disk needs an esp partition"
+    );
+}
+
+#[test]
+fn esp_needs_vfat() {
+    assert_eq!(
+        error(&BASE.replace("filesystem: vfat", "filesystem: ext4"), Arch::Amd64),
+        "DIR/r.yaml:6:8: partition `esp`: an EFI system partition needs `filesystem: vfat`"
+    );
+}
+
+#[test]
+fn relative_file_path() {
+    let recipe = format!("{BASE}steps:\n  - file: {{path: etc/motd, content: hi}}\n");
+    assert_eq!(
+        error(&recipe, Arch::Amd64),
+        "DIR/r.yaml:9:18: step 2 (file): path `etc/motd` is not absolute"
+    );
+}
+
+#[test]
+fn copy_of_a_missing_host_file() {
+    let recipe = format!("{BASE}steps:\n  - copy: {{from: files/motd, to: /etc/motd}}\n");
+    assert_eq!(
+        error(&recipe, Arch::Amd64),
+        "DIR/r.yaml:9:18: step 2 (copy): `files/motd` does not exist (looked for DIR/files/motd)"
+    );
+}
+
+#[test]
+fn bad_mirror() {
+    assert_eq!(
+        error(&format!("{BASE}mirror: deb.debian.org/debian\n"), Arch::Amd64),
+        "DIR/r.yaml:8:9: invalid mirror `deb.debian.org/debian`: expected an http:// or https:// URL"
+    );
+}
+
+#[test]
+fn extends_a_missing_file() {
+    assert_eq!(
+        error(&format!("extends: [base.yaml]\n{BASE}"), Arch::Amd64),
+        "DIR/r.yaml:1:11: extends `base.yaml`, which does not exist"
+    );
+}
+
+#[test]
+fn extends_cycle() {
+    let err = error_of(
+        &[
+            ("a.yaml", "extends: [b.yaml]\nname: a\n"),
+            ("b.yaml", "extends: [a.yaml]\n"),
+        ],
+        Arch::Amd64,
+    );
+    assert_eq!(
+        err,
+        "DIR/a.yaml: `extends` forms a cycle: DIR/a.yaml -> DIR/b.yaml -> DIR/a.yaml"
+    );
+}
+
+#[test]
+fn arch_the_recipe_does_not_build() {
+    let err = error(&format!("{BASE}arches: [amd64]\n"), Arch::Ppc64el);
+    assert_eq!(err, "DIR/r.yaml:8:1: this recipe builds amd64, not ppc64el");
+}
+
+#[test]
+fn extends_merges_packages_steps_and_variables() {
+    let base = "variables: {suite: bookworm}\nsuite: ${suite}\npackages: [a]\nsteps:\n  - hostname: base\n";
+    let child = format!(
+        "extends: [base.yaml]\nvariables: {{suite: trixie}}\npackages: [b]\nsteps:\n  - locale: C.UTF-8\n{}",
+        BASE.replace("suite: trixie\n", "")
+    );
+    let (_dir, recipe) = load(&[("child.yaml", &child), ("base.yaml", base)], Arch::Amd64);
+    let recipe = recipe.unwrap();
+    assert_eq!(recipe.suite, "trixie", "the extending file's variables win");
+    assert_eq!(recipe.packages, ["a", "b"]);
+    let kinds: Vec<&str> = recipe.steps.iter().map(|s| s.kind()).collect();
+    assert_eq!(kinds, ["bootstrap", "hostname", "locale", "finalize"]);
+}
+
+/// Every recipe in images/debian is valid for the architectures it builds.
+#[test]
+fn shipped_recipes_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/debian");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path: PathBuf = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        for arch in Arch::ALL {
+            match Recipe::load(&path, Some(arch)) {
+                Ok(recipe) => {
+                    assert_eq!(recipe.arch, arch);
+                    assert!(
+                        recipe.steps.iter().any(|s| s.kind() == "bootloader"),
+                        "{}",
+                        path.display()
+                    );
+                    checked += 1;
+                }
+                Err(e) => assert!(e.message.contains("this recipe builds amd64, arm64"), "{e}"),
+            }
+        }
+    }
+    assert_eq!(checked, 16, "6 recipes for 3 arches, less genericcloud on ppc64el");
+}

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod appliance;
 pub mod arch;
 pub mod archive;
+pub mod build;
 pub mod cache;
 pub mod doctor;
 pub mod helper;
@@ -18,6 +19,7 @@ pub mod proxy;
 pub mod recipe;
 pub mod run;
 pub mod session;
+pub mod transfer;
 pub mod vm;
 
 use std::path::PathBuf;

@@ -34,6 +34,8 @@ enum LogFormat {
 enum Cmd {
     /// Check this machine for everything imgvm needs and say what to install.
     Doctor,
+    /// Build an image from a recipe (default: Debian stable nocloud for this machine).
+    Build(BuildArgs),
     /// Boot the helper VM and run a command in it (the debugging entry point).
     Run(RunArgs),
     /// Assemble or inspect the helper VM's appliance.
@@ -102,6 +104,24 @@ struct RunArgs {
     command: Vec<String>,
 }
 
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// The recipe (YAML); without one, the built-in Debian stable nocloud recipe.
+    recipe: Option<PathBuf>,
+    /// Architecture to build (default: the recipe's, else this machine's).
+    #[arg(long)]
+    arch: Option<Arch>,
+    /// Where the image and its manifest, checksums and log go.
+    #[arg(short, long, default_value = "out")]
+    output: PathBuf,
+    /// Memory of the helper VM in MiB.
+    #[arg(long, default_value_t = 2048)]
+    memory: u32,
+    /// vCPUs of the helper VM (default: the host's cores, at most 8).
+    #[arg(long)]
+    cpus: Option<u32>,
+}
+
 #[derive(Subcommand)]
 enum ApplianceCmd {
     /// Download and assemble the appliance (again, with --refresh).
@@ -148,6 +168,7 @@ async fn dispatch(command: Cmd) -> Result<u8> {
     match command {
         Cmd::Doctor => Ok(if imgvm::doctor::run() { 0 } else { 1 }),
         Cmd::Run(args) => run(args).await,
+        Cmd::Build(args) => build(args).await,
         Cmd::Recipe(RecipeCmd::Check { recipe, arch, json }) => {
             let recipe = imgvm::recipe::Recipe::load(&recipe, arch)?;
             if json {
@@ -234,6 +255,43 @@ async fn run(args: RunArgs) -> Result<u8> {
         _ = abort.notified() => 130,
     };
     Ok(code.clamp(0, 255) as u8)
+}
+
+async fn build(args: BuildArgs) -> Result<u8> {
+    // The built-in recipe lives in a temporary directory for the duration of the build.
+    let (builtin, path) = match args.recipe {
+        Some(path) => (None, path),
+        None => {
+            let dir = imgvm::recipe::builtin::materialize()?;
+            let path = dir.path().join(imgvm::recipe::builtin::DEFAULT);
+            (Some(dir), path)
+        }
+    };
+    let recipe = imgvm::recipe::Recipe::load(&path, args.arch)?;
+    let options = imgvm::build::BuildOptions {
+        recipe,
+        output: args.output,
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        boot_timeout: Duration::from_secs(180),
+    };
+    let cancel = CancellationToken::new();
+    let abort = std::sync::Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(watch_signals(cancel.clone(), abort.clone()));
+    let report = tokio::select! {
+        report = imgvm::build::build(options, cancel) => report?,
+        _ = abort.notified() => return Ok(130),
+    };
+    drop(builtin);
+    for timing in &report.timings {
+        tracing::info!("{:>8.1} s  {}", timing.seconds, timing.step);
+    }
+    for output in &report.outputs {
+        let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+        println!("{}  ({:.1} MiB)", output.display(), size as f64 / (1 << 20) as f64);
+    }
+    tracing::info!("built in {:.0} s", report.seconds);
+    Ok(0)
 }
 
 fn helper_options(vm: VmArgs, disks: Vec<PathBuf>, memory_mib: u32, cpus: Option<u32>, timeout: u64) -> HelperOptions {

@@ -1,6 +1,7 @@
 //! Recipes: the declarative description of an image (see `images/`). This module reads
 //! and checks them; everything after works on the merged, valid [`Recipe`].
 
+pub mod builtin;
 mod error;
 mod load;
 mod model;

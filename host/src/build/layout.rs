@@ -1,0 +1,64 @@
+//! The disk layout as an sfdisk script, with Debian's partition type GUIDs.
+
+use crate::arch::Arch;
+use crate::recipe::{PartitionKind, Recipe, TableKind};
+
+/// The kernel's name for partition `number` of the first virtio disk.
+pub fn device(number: u32) -> String {
+    format!("/dev/vda{number}")
+}
+
+/// The number each partition gets: its own, else its position.
+pub fn numbered(recipe: &Recipe) -> Vec<(u32, &crate::recipe::Partition)> {
+    recipe
+        .partitions
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.number.unwrap_or(i as u32 + 1), p))
+        .collect()
+}
+
+/// Partitions are written in list order, so the last one (root) is physically last
+/// whatever its number.
+pub fn sfdisk_script(recipe: &Recipe) -> String {
+    let gpt = recipe.table == TableKind::Gpt;
+    let mut script = format!("label: {}\nunit: sectors\n\n", if gpt { "gpt" } else { "dos" });
+    for (number, part) in numbered(recipe) {
+        let mut fields = Vec::new();
+        if let Some(size) = part.size {
+            fields.push(format!("size={}", size.bytes() / 512));
+        }
+        fields.push(format!("type={}", type_code(part.kind, recipe.arch, gpt)));
+        if gpt {
+            fields.push(format!("name=\"{}\"", part.name));
+        } else if part.mount.as_deref() == Some("/") || part.kind == PartitionKind::Esp {
+            fields.push("bootable".into());
+        }
+        script.push_str(&format!("{} : {}\n", device(number), fields.join(", ")));
+    }
+    script
+}
+
+/// GPT type GUIDs as Debian's images use them; MBR type bytes otherwise.
+fn type_code(kind: PartitionKind, arch: Arch, gpt: bool) -> &'static str {
+    if !gpt {
+        return match kind {
+            PartitionKind::Esp => "ef",
+            PartitionKind::Prep => "41",
+            PartitionKind::Swap => "82",
+            _ => "83",
+        };
+    }
+    match kind {
+        PartitionKind::BiosBoot => "21686148-6449-6E6F-744E-656564454649",
+        PartitionKind::Esp => "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+        PartitionKind::Prep => "9E1A2D38-C612-4316-AA26-8B49521E5A8B",
+        PartitionKind::Swap => "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F",
+        PartitionKind::Linux => "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+        PartitionKind::Root => match arch {
+            Arch::Amd64 => "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+            Arch::Arm64 => "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+            Arch::Ppc64el => "C31C45E6-3F39-412E-80FB-4809C4980599",
+        },
+    }
+}

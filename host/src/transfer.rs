@@ -1,0 +1,71 @@
+//! Copying host files and directories into the helper VM and files out of it.
+
+use crate::session::Session;
+use anyhow::{bail, Context, Result};
+use imgvm_protocol::Transfer;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio_util::sync::CancellationToken;
+
+/// A host file, or a directory (packed by the host's tar and unpacked as root in the
+/// guest, numeric owners kept), to `dest` in the guest.
+pub async fn copy_in(session: &Session, source: &Path, dest: &str, cancel: &CancellationToken) -> Result<()> {
+    let meta = std::fs::metadata(source).with_context(|| format!("cannot read {}", source.display()))?;
+    let reply = if meta.is_dir() {
+        let mut tar = tokio::process::Command::new("tar")
+            .args(["-c", "--numeric-owner", "-f", "-", "-C"])
+            .arg(source)
+            .arg(".")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("running tar")?;
+        let stdout = tar.stdout.take().expect("piped");
+        let reply = session.upload(stdout, dest, Transfer::Tar, 0o755, cancel).await?;
+        let status = tar.wait().await?;
+        if !status.success() {
+            bail!("tar of {} failed ({status})", source.display());
+        }
+        reply
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        let file = tokio::fs::File::open(source).await?;
+        session
+            .upload(file, dest, Transfer::File, meta.permissions().mode() & 0o7777, cancel)
+            .await?
+    };
+    reply
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("copying {} into the VM: {e}", source.display()))
+}
+
+/// A guest file (or with a trailing `/` a directory, as a tar archive) to `dest` on the
+/// host, which appears only once complete.
+pub async fn copy_out(session: &Session, source: &str, dest: &Path, cancel: &CancellationToken) -> Result<()> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    let format = if source.ends_with('/') {
+        Transfer::Tar
+    } else {
+        Transfer::File
+    };
+    let mut file = tokio::fs::File::from_std(tmp.reopen()?);
+    let reply = session.download(source, format, &mut file, cancel).await?;
+    reply.map_err(|e| anyhow::anyhow!("copying {source} out of the VM: {e}"))?;
+    file.sync_all().await?;
+    // Temporary files are private; the result gets the permissions of any new file.
+    // SAFETY: umask(2) cannot fail; the original mask is restored at once.
+    let umask = unsafe {
+        let mask = libc::umask(0);
+        libc::umask(mask);
+        mask
+    };
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o666 & !(umask as u32)))?;
+    tmp.persist(PathBuf::from(dest))?;
+    Ok(())
+}

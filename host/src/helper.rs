@@ -35,6 +35,8 @@ pub struct Helper {
     pub session: Session,
     /// Launch to agent handshake.
     pub boot_time: Duration,
+    /// The guest's package proxy, for its statistics.
+    pub proxy: std::sync::Arc<crate::proxy::Proxy>,
 }
 
 impl Helper {
@@ -70,7 +72,8 @@ impl Helper {
             match Helper::start(&config, KVM_PROBE_TIMEOUT).await {
                 Ok(mut helper) => {
                     Accel::record_probe(true);
-                    helper.vm.serve_proxy(proxy);
+                    helper.vm.serve_proxy(proxy.clone());
+                    helper.proxy = proxy;
                     return Ok(helper);
                 }
                 Err(e) => {
@@ -88,7 +91,8 @@ impl Helper {
             tracing::info!("using TCG (software emulation, {} vCPUs): {why}", config.cpus);
         }
         let mut helper = Helper::start(&config, options.boot_timeout).await?;
-        helper.vm.serve_proxy(proxy);
+        helper.vm.serve_proxy(proxy.clone());
+        helper.proxy = proxy;
         Ok(helper)
     }
 
@@ -107,7 +111,13 @@ impl Helper {
             Ok(session) => {
                 let boot_time = started.elapsed();
                 tracing::info!("helper VM up in {:.1} s ({:?})", boot_time.as_secs_f64(), config.accel);
-                Ok(Helper { vm, session, boot_time })
+                let proxy = crate::proxy::Proxy::new(&[], crate::archive::Fetcher::default());
+                Ok(Helper {
+                    vm,
+                    session,
+                    boot_time,
+                    proxy,
+                })
             }
             Err(e) => {
                 let tail = vm.console_tail(CONSOLE_TAIL);

@@ -9,6 +9,7 @@
 use crate::archive::{hex, Fetcher, Status};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
@@ -19,6 +20,9 @@ pub struct Proxy {
     allowed: Vec<String>,
     fetcher: Fetcher,
     cache: PathBuf,
+    /// Packages fetched from the mirror, as opposed to served from the cache.
+    debs_downloaded: AtomicU64,
+    debs_cached: AtomicU64,
 }
 
 impl Proxy {
@@ -32,7 +36,17 @@ impl Proxy {
             allowed,
             fetcher,
             cache: crate::cache::dir().join("proxy"),
+            debs_downloaded: AtomicU64::new(0),
+            debs_cached: AtomicU64::new(0),
         })
+    }
+
+    /// `.deb` files (downloaded from the mirror, served from the cache) so far.
+    pub fn debs(&self) -> (u64, u64) {
+        (
+            self.debs_downloaded.load(Ordering::Relaxed),
+            self.debs_cached.load(Ordering::Relaxed),
+        )
     }
 
     /// Serves one tunnelled connection until the guest closes it.
@@ -90,11 +104,18 @@ impl Proxy {
     async fn file(&self, url: &str) -> anyhow::Result<Body> {
         let immutable = url.contains("/pool/") || url.contains("/by-hash/");
         let cached = self.cache.join(hex(&Sha256::digest(url.as_bytes())));
+        let deb = url.ends_with(".deb");
         if immutable && cached.is_file() {
+            if deb {
+                self.debs_cached.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(Body::Cached(cached));
         }
         let (fetcher, url, dir) = (self.fetcher.clone(), url.to_owned(), self.cache.clone());
         let tmp = tokio::task::spawn_blocking(move || fetcher.fetch(&url, &dir)).await??;
+        if deb {
+            self.debs_downloaded.fetch_add(1, Ordering::Relaxed);
+        }
         if immutable {
             tmp.persist(&cached)?;
             return Ok(Body::Cached(cached));

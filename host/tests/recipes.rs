@@ -268,4 +268,20 @@ fn shipped_recipes_are_valid() {
         }
     }
     assert_eq!(checked, 16, "6 recipes for 3 arches, less genericcloud on ppc64el");
+    let example = dir.join("../example.yaml");
+    for arch in [Arch::Amd64, Arch::Arm64] {
+        Recipe::load(&example, Some(arch)).unwrap();
+    }
+}
+
+#[test]
+fn variables_in_comments_are_left_alone() {
+    let (_dir, recipe) = load(
+        &[(
+            "r.yaml",
+            &format!("# uses ${{nothing}}\n{BASE}description: \"a # b ${{x}}\"\nvariables: {{x: y}}\n"),
+        )],
+        Arch::Amd64,
+    );
+    assert_eq!(recipe.unwrap().description.as_deref(), Some("a # b y"));
 }

@@ -1,3 +1,6 @@
+//! `cargo xtask bench build`: the wall time of each step of the default recipe's build
+//! for this machine, as its manifest records them.
+//!
 //! `cargo xtask bench boot`: per architecture, the helper VM's launch-to-handshake time,
 //! next to the same kernel booting an initramfs that holds nothing but the agent and its
 //! modules, measured the same way (launch to handshake over vsock). The difference is
@@ -9,8 +12,40 @@ use std::process::Command;
 pub fn run(args: &[&str]) -> Result<()> {
     match args.first() {
         Some(&"boot") => boot(&args[1..]),
-        _ => bail!("usage: cargo xtask bench boot [ARCH[=SUITE]...]"),
+        Some(&"build") => build(),
+        _ => bail!("usage: cargo xtask bench build | boot [ARCH[=SUITE]...]"),
     }
+}
+
+fn build() -> Result<()> {
+    crate::exec(crate::cargo().args(["build", "--quiet", "--release", "--package", "imgvm"]))?;
+    let bin = crate::agents("release")?.join("imgvm");
+    let out = std::env::temp_dir().join(format!("imgvm-bench-build-{}", std::process::id()));
+    let status = Command::new(&bin)
+        .args(["build", "-o"])
+        .arg(&out)
+        .status()
+        .context("running imgvm")?;
+    if !status.success() {
+        bail!("imgvm build failed ({status})");
+    }
+    let manifest = std::fs::read_dir(&out)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".manifest.json"))
+        .context("no manifest in the output")?;
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest)?)?;
+    let _ = std::fs::remove_dir_all(&out);
+    println!("{:>9}  step", "seconds");
+    for step in manifest["steps"].as_array().context("no steps in the manifest")? {
+        println!(
+            "{:>9.1}  {}",
+            step["seconds"].as_f64().unwrap_or(f64::NAN),
+            step["step"].as_str().unwrap_or("?")
+        );
+    }
+    println!("{:>9.1}  total", manifest["build_seconds"].as_f64().unwrap_or(f64::NAN));
+    Ok(())
 }
 
 fn boot(arches: &[&str]) -> Result<()> {

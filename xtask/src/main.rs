@@ -39,7 +39,7 @@ fn dispatch() -> Result<()> {
         Some("test") => test(&rest),
         Some("bench") => bench::run(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|agents|install [--prefix DIR]|test|bench boot>");
+            eprintln!("usage: cargo xtask <setup|agents|install [--prefix DIR]|test|bench build|bench boot>");
             std::process::exit(2)
         }
     }

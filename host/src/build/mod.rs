@@ -185,6 +185,15 @@ async fn run_steps(
         unreachable!("recipes end with finalize")
     };
     let result = work.await;
+    let (downloaded, cached) = helper.proxy.debs();
+    tracing::info!(
+        downloaded_debs = downloaded,
+        cached_debs = cached,
+        "package proxy: {downloaded} .deb downloaded, {cached} from the cache"
+    );
+    log.line(&format!(
+        "package proxy: {downloaded} .deb downloaded, {cached} from the cache"
+    ));
     let shutdown = helper.shutdown().await;
     let packages = result?;
     shutdown?;

@@ -81,12 +81,9 @@ pub async fn write(
                 )
                 .await?
             }
-            // Azure wants a fixed VHD whose size is a whole number of MiB, which recipe
-            // sizes are; force_size keeps qemu-img from rounding to CHS geometry.
+            // Azure wants a fixed VHD whose size is a whole number of MiB (checked with the
+            // recipe); force_size keeps qemu-img from rounding to CHS geometry.
             OutputFormat::Vhd => {
-                if recipe.disk_size.bytes() % (1 << 20) != 0 {
-                    bail!("a vhd output needs a disk size that is a multiple of 1 MiB");
-                }
                 convert(
                     disk,
                     staging.join(format!("{name}.vhd")),
@@ -181,7 +178,7 @@ pub async fn write(
 
 async fn convert(disk: &Path, out: PathBuf, args: &[&str]) -> Result<PathBuf> {
     let mut all: Vec<&std::ffi::OsStr> = vec!["convert".as_ref(), "-f".as_ref(), "raw".as_ref()];
-    all.extend(args.iter().map(|a| std::ffi::OsStr::new(a)));
+    all.extend(args.iter().map(std::ffi::OsStr::new));
     all.push(disk.as_os_str());
     all.push(out.as_os_str());
     run("qemu-img", &all).await?;

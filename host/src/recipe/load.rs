@@ -204,6 +204,11 @@ fn substitute(path: &Path, text: &str, vars: &BTreeMap<String, String>) -> Resul
         }
         out.push_str(&rest[..i]);
         let offset = text.len() - rest.len() + i;
+        if in_comment(text, offset) {
+            out.push_str("${");
+            rest = &rest[i + 2..];
+            continue;
+        }
         let Some(end) = rest[i..].find('}') else {
             let (line, column) = position(text, offset);
             return Err(RecipeError::new(path, line, column, "unterminated `${`"));
@@ -231,6 +236,25 @@ fn substitute(path: &Path, text: &str, vars: &BTreeMap<String, String>) -> Resul
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Whether `offset` is inside a YAML comment: after a `#` that starts the line or
+/// follows a blank, outside quotes.
+fn in_comment(text: &str, offset: usize) -> bool {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let before = &text[line_start..offset];
+    let (mut single, mut double) = (false, false);
+    let mut previous = ' ';
+    for c in before.chars() {
+        match c {
+            '\'' if !double => single = !single,
+            '"' if !single => double = !double,
+            '#' if !single && !double && previous.is_whitespace() => return true,
+            _ => {}
+        }
+        previous = c;
+    }
+    false
 }
 
 /// Later files override single values and append to `packages` and `steps`.

@@ -125,6 +125,12 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (usize, usize)) -> Result
         if !outputs.insert(format!("{format:?}")) {
             return fail("outputs:", format!("output {format:?} is listed twice"));
         }
+        if *format == OutputFormat::Vhd && !recipe.disk_size.bytes().is_multiple_of(1 << 20) {
+            return fail(
+                "outputs:",
+                "a vhd output needs a disk size that is a whole number of MiB (Azure)".into(),
+            );
+        }
     }
     for (i, step) in recipe.steps.iter().enumerate() {
         let what = format!("step {} ({})", i + 1, step.kind());

@@ -1,0 +1,178 @@
+//! imgvm's main job end to end: a Debian cloud image built from a recipe in images/ by an
+//! unprivileged user, checked from the host and, through `imgvm run`, from inside.
+
+use imgvm_e2e::{give_to_user, imgvm, run_ok, workdir};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// images/debian, copied where the test user can read it.
+fn recipes(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/debian");
+    let dest = dir.join("recipes");
+    run_ok(Command::new("cp").arg("-r").arg(&src).arg(&dest));
+    run_ok(Command::new("chmod").args(["-R", "a+rX"]).arg(&dest));
+    dest
+}
+
+/// The `downloaded_debs` and `cached_debs` that `imgvm build` logs.
+fn deb_counts(stderr: &str) -> (u64, u64) {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| {
+            Some((
+                v["fields"]["downloaded_debs"].as_u64()?,
+                v["fields"]["cached_debs"].as_u64()?,
+            ))
+        })
+        .unwrap_or_else(|| panic!("no package statistics in the log:\n{stderr}"))
+}
+
+fn build(recipe: &Path, out: &Path) -> String {
+    let output = imgvm(["--log-format", "json", "build"])
+        .arg(recipe)
+        .args(["--arch", "amd64", "-o"])
+        .arg(out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "imgvm build failed:\n{stderr}");
+    stderr
+}
+
+#[test]
+fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
+    let dir = workdir("build-amd64");
+    let recipe = recipes(&dir).join("trixie-genericcloud.yaml");
+    let out = dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    give_to_user(&out);
+    let first = build(&recipe, &out);
+    let name = "debian-13-genericcloud-amd64";
+
+    // Everything is there, nothing else is, and the checksums hold.
+    let mut files: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let expected = ["SHA256SUMS", "build.log", "manifest.json", "qcow2", "raw"];
+    let mut wanted: Vec<String> = expected
+        .iter()
+        .map(|e| {
+            if *e == "SHA256SUMS" {
+                e.to_string()
+            } else {
+                format!("{name}.{e}")
+            }
+        })
+        .collect();
+    wanted.sort();
+    assert_eq!(files, wanted);
+    run_ok(
+        Command::new("sha256sum")
+            .args(["--check", "--quiet", "SHA256SUMS"])
+            .current_dir(&out),
+    );
+    let raw = out.join(format!("{name}.raw"));
+    let qcow2_info = run_ok(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(out.join(format!("{name}.qcow2"))),
+    );
+    assert!(qcow2_info.contains("\"format\": \"qcow2\""), "{qcow2_info}");
+
+    // Debian's amd64 layout: BIOS boot p14, ESP p15, root p1 last.
+    let table: serde_json::Value =
+        serde_json::from_str(&run_ok(Command::new("sfdisk").arg("--json").arg(&raw))).unwrap();
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap().clone();
+    assert_eq!(table["partitiontable"]["label"], "gpt");
+    let by_number = |n: u32| {
+        parts
+            .iter()
+            .find(|p| p["node"].as_str().unwrap().ends_with(&format!(".raw{n}")))
+            .unwrap_or_else(|| panic!("no p{n}: {table}"))
+    };
+    assert_eq!(by_number(14)["type"], "21686148-6449-6E6F-744E-656564454649");
+    assert_eq!(by_number(15)["type"], "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
+    assert_eq!(by_number(1)["type"], "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709");
+    let start = |p: &serde_json::Value| p["start"].as_u64().unwrap();
+    assert!(
+        parts.iter().all(|p| start(p) <= start(by_number(1))),
+        "root is not last: {table}"
+    );
+
+    // The manifest lists the packages the recipe asked for.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(format!("{name}.manifest.json"))).unwrap()).unwrap();
+    let packages: Vec<&str> = manifest["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for wanted in [
+        "linux-image-cloud-amd64",
+        "grub-cloud-amd64",
+        "cloud-init",
+        "openssh-server",
+        "systemd-resolved",
+    ] {
+        assert!(packages.contains(&wanted), "{wanted} missing from the manifest");
+    }
+
+    // Inside the image.
+    let script = "set -e
+mount -o ro /dev/vda1 /mnt
+mount -o ro /dev/vda15 /mnt/boot/efi
+[ -d /mnt/boot/grub/i386-pc ] && echo grub-bios-modules
+[ -f /mnt/boot/efi/EFI/BOOT/BOOTX64.EFI ] && echo grub-efi-removable
+head -c 512 /dev/vda | grep -q GRUB && echo grub-in-mbr
+grep -q 'linux.*console=ttyS0' /mnt/boot/grub/grub.cfg && echo serial-console
+echo machine-id-bytes=$(stat -c %s /mnt/etc/machine-id)
+echo ssh-host-keys=$(ls /mnt/etc/ssh/ | grep -c '^ssh_host_' || true)
+echo apt-lists=$(ls /mnt/var/lib/apt/lists | grep -vc '^lock$\\|^partial$' || true)
+echo policy-rc-d=$([ -e /mnt/usr/sbin/policy-rc.d ] && echo present || echo absent)
+cat /mnt/etc/default/locale
+chroot /mnt dpkg-query -W -f '${Package}=${db:Status-Status}\\n' cloud-init openssh-server linux-image-cloud-amd64
+cat /mnt/etc/fstab";
+    let stdout = run_ok(imgvm(["run", "--disk"]).arg(&raw).args(["--", "sh", "-c", script]));
+    for line in [
+        "grub-bios-modules",
+        "grub-efi-removable",
+        "grub-in-mbr",
+        "serial-console",
+        "machine-id-bytes=0",
+        "ssh-host-keys=0",
+        "apt-lists=0",
+        "policy-rc-d=absent",
+        "LANG=C.UTF-8",
+        "cloud-init=installed",
+        "openssh-server=installed",
+        "linux-image-cloud-amd64=installed",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "`{line}` not found in:\n{stdout}");
+    }
+    let fstab: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" / ") || l.contains(" /boot/efi "))
+        .collect();
+    assert_eq!(fstab.len(), 2, "{stdout}");
+    assert!(
+        fstab
+            .iter()
+            .all(|l| l.starts_with("PARTUUID=") || l.starts_with("UUID=")),
+        "{fstab:?}"
+    );
+
+    // A second build of the same recipe gets every package from the cache.
+    let (downloaded, _) = deb_counts(&first);
+    assert!(downloaded > 0 || first.contains("from the cache"), "{first}");
+    let again = dir.join("again");
+    std::fs::create_dir(&again).unwrap();
+    give_to_user(&again);
+    let second = build(&recipe, &again);
+    let (downloaded, cached) = deb_counts(&second);
+    assert_eq!(downloaded, 0, "the second build downloaded packages");
+    assert!(cached > 100, "only {cached} packages came from the cache");
+}

@@ -214,26 +214,11 @@ async fn run_phase(
     for action in actions {
         match action {
             Action::Script(script) => {
-                let command = Command {
-                    argv: vec!["sh".into(), "-c".into(), script],
-                    ..Default::default()
-                };
-                let reply = helper
-                    .session
-                    .run(
-                        command,
-                        None,
-                        |event| match event {
-                            Event::Stdout(line) | Event::Stderr(line) => {
-                                let line = String::from_utf8_lossy(&line);
-                                tracing::debug!("{line}");
-                                log.line(&line);
-                            }
-                            Event::Progress { .. } => {}
-                        },
-                        cancel,
-                    )
-                    .await?;
+                let reply = run_script(helper, script, cancel, |_, line| {
+                    tracing::debug!("{line}");
+                    log.line(line);
+                })
+                .await?;
                 match reply {
                     Ok(_) => {}
                     Err(e) if e.kind == ErrorKind::Cancelled => bail!("{label}: cancelled"),
@@ -265,25 +250,34 @@ async fn run_phase(
     })
 }
 
-async fn list_packages(helper: &Helper, cancel: &CancellationToken) -> Result<Vec<outputs::Package>> {
-    let mut lines = Vec::new();
+/// Runs `script` with `sh -c` in the helper, handing each output line to `on_line`
+/// (with whether it came from stdout).
+async fn run_script(
+    helper: &Helper,
+    script: String,
+    cancel: &CancellationToken,
+    mut on_line: impl FnMut(bool, &str),
+) -> Result<crate::session::Reply, crate::session::SessionError> {
     let command = Command {
-        argv: vec!["sh".into(), "-c".into(), steps::package_list()],
+        argv: vec!["sh".into(), "-c".into(), script],
         ..Default::default()
     };
-    let reply = helper
-        .session
-        .run(
-            command,
-            None,
-            |event| {
-                if let Event::Stdout(line) = event {
-                    lines.push(String::from_utf8_lossy(&line).into_owned());
-                }
-            },
-            cancel,
-        )
-        .await?;
+    let on_event = |event| match event {
+        Event::Stdout(line) => on_line(true, &String::from_utf8_lossy(&line)),
+        Event::Stderr(line) => on_line(false, &String::from_utf8_lossy(&line)),
+        Event::Progress { .. } => {}
+    };
+    helper.session.run(command, None, on_event, cancel).await
+}
+
+async fn list_packages(helper: &Helper, cancel: &CancellationToken) -> Result<Vec<outputs::Package>> {
+    let mut lines = Vec::new();
+    let reply = run_script(helper, steps::package_list(), cancel, |stdout, line| {
+        if stdout {
+            lines.push(line.to_owned());
+        }
+    })
+    .await?;
     reply.map_err(|e| anyhow::anyhow!("listing the installed packages: {e}"))?;
     Ok(lines
         .iter()

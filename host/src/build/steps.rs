@@ -57,38 +57,23 @@ pub fn prepare_disk(recipe: &Recipe) -> Vec<Action> {
         }
     }
     for (number, part) in numbered(recipe) {
-        let dev = if recipe.table == TableKind::None {
-            "/dev/vda".to_owned()
-        } else {
-            device(number)
+        let Some(filesystem) = part.filesystem else { continue };
+        let (mkfs, label_flag) = match filesystem {
+            Filesystem::Ext4 => ("mkfs.ext4 -q", "-L"),
+            Filesystem::Xfs => ("mkfs.xfs -q -f", "-L"),
+            Filesystem::Btrfs => ("mkfs.btrfs -q -f", "-L"),
+            Filesystem::Vfat => ("mkfs.vfat", "-n"),
+            Filesystem::Swap => ("mkswap -q", "-L"),
         };
-        let label = part.label.as_deref();
+        let label = part
+            .label
+            .as_deref()
+            .map_or(String::new(), |l| format!(" {label_flag} {}", q(l)));
         let extra: String = part.mkfs_options.iter().map(|o| format!(" {}", q(o))).collect();
-        let mkfs = match part.filesystem {
-            None => continue,
-            Some(Filesystem::Ext4) => format!(
-                "mkfs.ext4 -q{}{extra} {dev}",
-                label.map_or(String::new(), |l| format!(" -L {}", q(l)))
-            ),
-            Some(Filesystem::Xfs) => format!(
-                "mkfs.xfs -q -f{}{extra} {dev}",
-                label.map_or(String::new(), |l| format!(" -L {}", q(l)))
-            ),
-            Some(Filesystem::Btrfs) => format!(
-                "mkfs.btrfs -q -f{}{extra} {dev}",
-                label.map_or(String::new(), |l| format!(" -L {}", q(l)))
-            ),
-            Some(Filesystem::Vfat) => format!(
-                "mkfs.vfat{}{extra} {dev} >/dev/null",
-                label.map_or(String::new(), |l| format!(" -n {}", q(l)))
-            ),
-            Some(Filesystem::Swap) => format!(
-                "mkswap -q{}{extra} {dev}",
-                label.map_or(String::new(), |l| format!(" -L {}", q(l)))
-            ),
-        };
-        script.push_str(&mkfs);
-        script.push('\n');
+        script.push_str(&format!(
+            "{mkfs}{label}{extra} {} >/dev/null\n",
+            partition_device(recipe, number)
+        ));
     }
     let root = mounts(recipe)
         .into_iter()
@@ -98,16 +83,21 @@ pub fn prepare_disk(recipe: &Recipe) -> Vec<Action> {
     vec![Action::Script(script)]
 }
 
+/// The device of partition `number`: the whole disk when there is no partition table.
+fn partition_device(recipe: &Recipe, number: u32) -> String {
+    if recipe.table == TableKind::None {
+        "/dev/vda".to_owned()
+    } else {
+        device(number)
+    }
+}
+
 /// (device, mount point) sorted so that parents come first; root is first.
 fn mounts(recipe: &Recipe) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = numbered(recipe)
         .into_iter()
         .filter_map(|(n, p)| {
-            let dev = if recipe.table == TableKind::None {
-                "/dev/vda".to_owned()
-            } else {
-                device(n)
-            };
+            let dev = partition_device(recipe, n);
             p.mount.clone().map(|m| (dev, m))
         })
         .collect();
@@ -310,11 +300,7 @@ fn render_sources(sources: &AptSources) -> (String, String) {
 fn fstab_script(recipe: &Recipe, by: FstabKey) -> String {
     let mut script = String::from("set -e\n{\n");
     for (number, part) in numbered(recipe) {
-        let dev = if recipe.table == TableKind::None {
-            "/dev/vda".to_owned()
-        } else {
-            device(number)
-        };
+        let dev = partition_device(recipe, number);
         let (mount, fs) = match (&part.mount, part.filesystem) {
             (Some(m), Some(fs)) => (m.clone(), format!("{fs:?}").to_lowercase()),
             (None, Some(Filesystem::Swap)) => ("none".to_owned(), "swap".to_owned()),

@@ -32,14 +32,16 @@ async fn read_host(guest: &mut UnixStream) -> HostMessage {
 
 /// A fake agent that completes the handshake.
 async fn handshaken() -> (Session, UnixStream) {
+    handshaken_with_silence_limit(Duration::from_secs(30)).await
+}
+
+async fn handshaken_with_silence_limit(silence: Duration) -> (Session, UnixStream) {
     let (host, mut guest) = UnixStream::pair().unwrap();
     guest
         .write_all(&encode(&hello(PROTOCOL_VERSION)).unwrap())
         .await
         .unwrap();
-    let session = connect(host, Duration::from_secs(5), Duration::from_secs(30))
-        .await
-        .unwrap();
+    let session = connect(host, Duration::from_secs(5), silence).await.unwrap();
     assert!(matches!(
         read_host(&mut guest).await,
         HostMessage::Welcome {
@@ -72,14 +74,7 @@ async fn guest_that_never_answers_times_out() {
 
 #[tokio::test]
 async fn guest_that_goes_silent_is_declared_dead() {
-    let (host, mut guest) = UnixStream::pair().unwrap();
-    guest
-        .write_all(&encode(&hello(PROTOCOL_VERSION)).unwrap())
-        .await
-        .unwrap();
-    let session = connect(host, Duration::from_secs(5), Duration::from_millis(300))
-        .await
-        .unwrap();
+    let (session, _guest) = handshaken_with_silence_limit(Duration::from_millis(300)).await;
     let started = Instant::now();
     let err = tokio::time::timeout(Duration::from_secs(5), run_true(&session))
         .await

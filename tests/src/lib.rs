@@ -142,6 +142,15 @@ pub fn sparse_file(path: &Path, size: u64) {
     give_to_user(path);
 }
 
+/// Two numeric fields of the first JSON log line (`--log-format json`) that has both.
+pub fn log_fields(stderr: &str, first: &str, second: &str) -> (u64, u64) {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| Some((v["fields"][first].as_u64()?, v["fields"][second].as_u64()?)))
+        .unwrap_or_else(|| panic!("no {first} and {second} in the log:\n{stderr}"))
+}
+
 /// Output as text, with both streams in the panic message when the command failed.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();

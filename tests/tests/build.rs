@@ -16,16 +16,7 @@ fn recipes(dir: &Path) -> PathBuf {
 
 /// The `downloaded_debs` and `cached_debs` that `imgvm build` logs.
 fn deb_counts(stderr: &str) -> (u64, u64) {
-    stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| {
-            Some((
-                v["fields"]["downloaded_debs"].as_u64()?,
-                v["fields"]["cached_debs"].as_u64()?,
-            ))
-        })
-        .unwrap_or_else(|| panic!("no package statistics in the log:\n{stderr}"))
+    imgvm_e2e::log_fields(stderr, "downloaded_debs", "cached_debs")
 }
 
 fn build(recipe: &Path, out: &Path) -> String {

@@ -195,16 +195,7 @@ fn cancelling_a_command_stops_the_vm_and_leaves_nothing_behind() {
 
 /// The `downloaded_files` and `downloaded_bytes` that `imgvm run` logs.
 fn downloads(stderr: &str) -> (u64, u64) {
-    stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| {
-            Some((
-                v["fields"]["downloaded_files"].as_u64()?,
-                v["fields"]["downloaded_bytes"].as_u64()?,
-            ))
-        })
-        .unwrap_or_else(|| panic!("no download statistics in the log:\n{stderr}"))
+    imgvm_e2e::log_fields(stderr, "downloaded_files", "downloaded_bytes")
 }
 
 #[test]

@@ -69,11 +69,9 @@ impl Helper {
         let (accel, why_not_kvm) = Accel::choose(arch);
         if accel == Accel::Kvm {
             config.accel = Accel::Kvm;
-            match Helper::start(&config, KVM_PROBE_TIMEOUT).await {
-                Ok(mut helper) => {
+            match Helper::start(&config, KVM_PROBE_TIMEOUT, proxy.clone()).await {
+                Ok(helper) => {
                     Accel::record_probe(true);
-                    helper.vm.serve_proxy(proxy.clone());
-                    helper.proxy = proxy;
                     return Ok(helper);
                 }
                 Err(e) => {
@@ -90,13 +88,10 @@ impl Helper {
         } else if let Some(why) = why_not_kvm {
             tracing::info!("using TCG (software emulation, {} vCPUs): {why}", config.cpus);
         }
-        let mut helper = Helper::start(&config, options.boot_timeout).await?;
-        helper.vm.serve_proxy(proxy.clone());
-        helper.proxy = proxy;
-        Ok(helper)
+        Helper::start(&config, options.boot_timeout, proxy).await
     }
 
-    async fn start(config: &VmConfig, timeout: Duration) -> Result<Helper> {
+    async fn start(config: &VmConfig, timeout: Duration, proxy: std::sync::Arc<crate::proxy::Proxy>) -> Result<Helper> {
         let started = Instant::now();
         let spinner = crate::progress::spinner(format!("booting the {} helper VM", config.arch));
         let mut vm = Vm::start(config).await?;
@@ -111,7 +106,7 @@ impl Helper {
             Ok(session) => {
                 let boot_time = started.elapsed();
                 tracing::info!("helper VM up in {:.1} s ({:?})", boot_time.as_secs_f64(), config.accel);
-                let proxy = crate::proxy::Proxy::new(&[], crate::archive::Fetcher::default());
+                vm.serve_proxy(proxy.clone());
                 Ok(Helper {
                     vm,
                     session,

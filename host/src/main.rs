@@ -120,6 +120,12 @@ struct BuildArgs {
     /// vCPUs of the helper VM (default: the host's cores, at most 8).
     #[arg(long)]
     cpus: Option<u32>,
+    /// Debian mirror for the helper VM's own packages (not the image's).
+    #[arg(long, env = "IMGVM_MIRROR")]
+    helper_mirror: Option<String>,
+    /// Debian suite of the helper VM (not the image's).
+    #[arg(long, env = "IMGVM_SUITE")]
+    helper_suite: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -274,6 +280,8 @@ async fn build(args: BuildArgs) -> Result<u8> {
         memory_mib: args.memory,
         cpus: args.cpus,
         boot_timeout: Duration::from_secs(180),
+        helper_mirror: args.helper_mirror,
+        helper_suite: args.helper_suite,
     };
     let cancel = CancellationToken::new();
     let abort = std::sync::Arc::new(tokio::sync::Notify::new());

@@ -22,6 +22,9 @@ pub struct BuildOptions {
     pub memory_mib: u32,
     pub cpus: Option<u32>,
     pub boot_timeout: Duration,
+    /// Where the helper VM's appliance comes from (default: its definition's).
+    pub helper_mirror: Option<String>,
+    pub helper_suite: Option<String>,
 }
 
 /// Wall time of one phase of the build, for the log, the manifest and `bench build`.
@@ -128,8 +131,8 @@ async fn run_steps(
         memory_mib: options.memory_mib,
         cpus: options.cpus,
         boot_timeout: options.boot_timeout,
-        mirror: None,
-        suite: None,
+        mirror: options.helper_mirror.clone(),
+        suite: options.helper_suite.clone(),
         bare: false,
         proxy_mirrors: vec![recipe.mirror.clone()],
     };

@@ -116,6 +116,7 @@ pub fn bootstrap(recipe: &Recipe, variant: BootstrapVariant) -> Vec<Action> {
         "set -e\nmmdebstrap --mode=root --variant={variant} --arch={arch} --components={components}{include} \\
          --aptopt='Acquire::http::Proxy \"http://127.0.0.1:3142\"' --aptopt='APT::Install-Recommends \"false\"' \\
          --dpkgopt=force-unsafe-io --skip=cleanup/apt/lists \\
+         --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \\
          {suite} {TARGET} {mirror}\n",
         arch = recipe.arch.debian(),
         components = q(&recipe.components.join(",")),

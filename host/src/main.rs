@@ -252,14 +252,9 @@ async fn run(args: RunArgs) -> Result<u8> {
         stdin: args.interactive,
         argv: args.command,
     };
-    let cancel = CancellationToken::new();
-    let abort = std::sync::Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(watch_signals(cancel.clone(), abort.clone()));
-    // A first signal cancels cleanly; a second drops everything, which kills the VM.
-    let code = tokio::select! {
-        code = imgvm::run::run(request, cancel) => code?,
-        _ = abort.notified() => 130,
-    };
+    let code = interruptible(|cancel| imgvm::run::run(request, cancel))
+        .await?
+        .unwrap_or(130);
     Ok(code.clamp(0, 255) as u8)
 }
 
@@ -283,12 +278,8 @@ async fn build(args: BuildArgs) -> Result<u8> {
         helper_mirror: args.helper_mirror,
         helper_suite: args.helper_suite,
     };
-    let cancel = CancellationToken::new();
-    let abort = std::sync::Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(watch_signals(cancel.clone(), abort.clone()));
-    let report = tokio::select! {
-        report = imgvm::build::build(options, cancel) => report?,
-        _ = abort.notified() => return Ok(130),
+    let Some(report) = interruptible(|cancel| imgvm::build::build(options, cancel)).await? else {
+        return Ok(130);
     };
     drop(builtin);
     for timing in &report.timings {
@@ -313,6 +304,21 @@ fn helper_options(vm: VmArgs, disks: Vec<PathBuf>, memory_mib: u32, cpus: Option
         suite: vm.suite,
         bare: false,
         proxy_mirrors: Vec::new(),
+    }
+}
+
+/// Runs `work` so that a first Ctrl-C (or SIGTERM, SIGHUP) cancels it cleanly and a
+/// second drops it at once, which kills the VM; `None` then.
+async fn interruptible<T, F>(work: impl FnOnce(CancellationToken) -> F) -> Result<Option<T>>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
+    let cancel = CancellationToken::new();
+    let abort = std::sync::Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(watch_signals(cancel.clone(), abort.clone()));
+    tokio::select! {
+        result = work(cancel) => result.map(Some),
+        _ = abort.notified() => Ok(None),
     }
 }
 

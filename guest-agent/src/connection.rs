@@ -2,7 +2,8 @@
 //! message to the operation it belongs to. Operations run on their own threads and
 //! write through a shared [`Writer`].
 
-use crate::ops::{self, Inbound};
+use crate::job::{Inbound, Job};
+use crate::ops;
 use imgvm_protocol::{
     blocking, encode, GuestMessage, Handshake, HostMessage, RequestId, AGENT_PORT, HOST_CID, PROTOCOL_VERSION,
     UPLINK_WINDOW,
@@ -139,7 +140,14 @@ fn start(id: RequestId, operation: imgvm_protocol::Operation, routes: &Routes, w
     let routes = routes.clone();
     let writer = writer.clone();
     std::thread::spawn(move || {
-        let result = ops::execute(id, operation, tx, rx, &writer);
+        let job = Job {
+            id,
+            name: ops::describe(&operation),
+            tx,
+            rx,
+            writer: &writer,
+        };
+        let result = ops::execute(&job, operation);
         routes.lock().unwrap().remove(&id);
         let _ = writer.send(&GuestMessage::Done { id, result });
     });

@@ -6,8 +6,11 @@
 //! comes from a host request.
 
 mod blockdev;
+mod command;
 mod connection;
+mod image;
 mod init;
+mod job;
 mod ops;
 mod proxy;
 mod reaper;

@@ -23,6 +23,7 @@ pub struct Proxy {
     /// Packages fetched from the mirror, as opposed to served from the cache.
     debs_downloaded: AtomicU64,
     debs_cached: AtomicU64,
+    bytes_downloaded: AtomicU64,
 }
 
 impl Proxy {
@@ -38,6 +39,7 @@ impl Proxy {
             cache: crate::cache::dir().join("proxy"),
             debs_downloaded: AtomicU64::new(0),
             debs_cached: AtomicU64::new(0),
+            bytes_downloaded: AtomicU64::new(0),
         })
     }
 
@@ -47,6 +49,11 @@ impl Proxy {
             self.debs_downloaded.load(Ordering::Relaxed),
             self.debs_cached.load(Ordering::Relaxed),
         )
+    }
+
+    /// Bytes fetched from the mirror so far (not counting what came from the cache).
+    pub fn downloaded_bytes(&self) -> u64 {
+        self.bytes_downloaded.load(Ordering::Relaxed)
     }
 
     /// Serves one tunnelled connection until the guest closes it.
@@ -113,6 +120,8 @@ impl Proxy {
         }
         let (fetcher, url, dir) = (self.fetcher.clone(), url.to_owned(), self.cache.clone());
         let tmp = tokio::task::spawn_blocking(move || fetcher.fetch(&url, &dir)).await??;
+        self.bytes_downloaded
+            .fetch_add(tmp.as_file().metadata()?.len(), Ordering::Relaxed);
         if deb {
             self.debs_downloaded.fetch_add(1, Ordering::Relaxed);
         }

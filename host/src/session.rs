@@ -195,15 +195,27 @@ impl Session {
         &self,
         command: Command,
         stdin: Option<Box<dyn AsyncRead + Send + Unpin + '_>>,
-        mut on_event: impl FnMut(Event),
+        on_event: impl FnMut(Event),
         cancel: &CancellationToken,
     ) -> Result<Reply, SessionError> {
         let command = Command {
             stdin: stdin.is_some(),
             ..command
         };
-        let mut request = self.start(Operation::Run(command)).await?;
-        match stdin {
+        self.request(Operation::Run(command), stdin, on_event, cancel).await
+    }
+
+    /// Carries out `operation`, streaming `input` to it if given and handing its events
+    /// to `on_event`. Cancelling `cancel` stops it in the guest.
+    pub async fn request(
+        &self,
+        operation: Operation,
+        input: Option<Box<dyn AsyncRead + Send + Unpin + '_>>,
+        mut on_event: impl FnMut(Event),
+        cancel: &CancellationToken,
+    ) -> Result<Reply, SessionError> {
+        let mut request = self.start(operation).await?;
+        match input {
             Some(input) => request.feed(input, &mut on_event, cancel).await,
             None => request.finish(&mut on_event, cancel).await,
         }

@@ -12,15 +12,7 @@ use tokio_util::sync::CancellationToken;
 pub async fn copy_in(session: &Session, source: &Path, dest: &str, cancel: &CancellationToken) -> Result<()> {
     let meta = std::fs::metadata(source).with_context(|| format!("cannot read {}", source.display()))?;
     let reply = if meta.is_dir() {
-        let mut tar = tokio::process::Command::new("tar")
-            .args(["-c", "--numeric-owner", "-f", "-", "-C"])
-            .arg(source)
-            .arg(".")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("running tar")?;
-        let stdout = tar.stdout.take().expect("piped");
+        let (mut tar, stdout) = tar_stream(source)?;
         let reply = session.upload(stdout, dest, Transfer::Tar, 0o755, cancel).await?;
         let status = tar.wait().await?;
         if !status.success() {
@@ -68,4 +60,18 @@ pub async fn copy_out(session: &Session, source: &str, dest: &Path, cancel: &Can
         .set_permissions(std::fs::Permissions::from_mode(0o666 & !(umask as u32)))?;
     tmp.persist(PathBuf::from(dest))?;
     Ok(())
+}
+
+/// The host's tar packing `dir`, numeric owners kept; the child is killed if dropped.
+pub fn tar_stream(dir: &Path) -> Result<(tokio::process::Child, tokio::process::ChildStdout)> {
+    let mut tar = tokio::process::Command::new("tar")
+        .args(["-c", "--numeric-owner", "-f", "-", "-C"])
+        .arg(dir)
+        .arg(".")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running tar")?;
+    let stdout = tar.stdout.take().expect("piped");
+    Ok((tar, stdout))
 }

@@ -177,7 +177,64 @@ fn relative_file_path() {
     let recipe = format!("{BASE}steps:\n  - file: {{path: etc/motd, content: hi}}\n");
     assert_eq!(
         error(&recipe, Arch::Amd64),
-        "DIR/r.yaml:9:18: step 2 (file): path `etc/motd` is not absolute"
+        "DIR/r.yaml:9:18: step 2 (file): path `etc/motd` is not an absolute path without `..`"
+    );
+}
+
+#[test]
+fn error_in_an_extended_file_points_into_it() {
+    let base = BASE.replace("filesystem: vfat", "filesystem: ext4");
+    assert_eq!(
+        error_of(
+            &[("r.yaml", "extends: [base.yaml]\nname: top\n"), ("base.yaml", &base)],
+            Arch::Amd64
+        ),
+        "DIR/base.yaml:6:8: partition `esp`: an EFI system partition needs `filesystem: vfat`"
+    );
+}
+
+#[test]
+fn two_qcow2_outputs() {
+    assert_eq!(
+        error(&format!("{BASE}outputs: [qcow2, qcow2-compressed]\n"), Arch::Amd64),
+        "DIR/r.yaml:8:1: qcow2 and qcow2-compressed would both be NAME.qcow2: choose one"
+    );
+}
+
+#[test]
+fn copy_out_of_the_image() {
+    let recipe = format!("{BASE}steps:\n  - copy: {{from: r.yaml, to: /etc/../../x}}\n");
+    assert_eq!(
+        error(&recipe, Arch::Amd64),
+        "DIR/r.yaml:9:30: step 2 (copy): destination `/etc/../../x` is not an absolute path without `..`"
+    );
+}
+
+#[test]
+fn malformed_uuids() {
+    let recipe = BASE.replace("filesystem: ext4,", "filesystem: ext4, uuid: 1234,");
+    assert_eq!(
+        error(&recipe, Arch::Amd64),
+        "DIR/r.yaml:7:56: partition `root`: uuid `1234` is not of the form 01234567-89ab-cdef-0123-456789abcdef"
+    );
+    let recipe = BASE.replace(
+        "filesystem: vfat,",
+        "filesystem: vfat, uuid: 0fc63daf-8483-4772-8e79-3d69d8477de4,",
+    );
+    assert_eq!(
+        error(&recipe, Arch::Amd64),
+        "DIR/r.yaml:6:68: partition `esp`: uuid `0fc63daf-8483-4772-8e79-3d69d8477de4` is not of the form ABCD-1234"
+    );
+    let fixed = BASE
+        .replace("filesystem: vfat,", "filesystem: vfat, uuid: ABCD-1234,")
+        .replace(
+            "filesystem: ext4,",
+            "filesystem: ext4, uuid: 0fc63daf-8483-4772-8e79-3d69d8477de4,",
+        );
+    let (_dir, recipe) = load(&[("r.yaml", &fixed)], Arch::Amd64);
+    assert_eq!(
+        recipe.unwrap().partitions[1].uuid.as_deref(),
+        Some("0fc63daf-8483-4772-8e79-3d69d8477de4")
     );
 }
 

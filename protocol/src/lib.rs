@@ -15,13 +15,15 @@
 //! bytes), so the agent never lets more be in flight than the socket always holds.
 
 mod frame;
+mod image;
 mod message;
 
 pub use frame::{blocking, decode, encode, payload_len, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
+pub use image::*;
 pub use message::*;
 
 /// Bumped on every incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The vsock port the agent connects to when the kernel command line names none.
 pub const AGENT_PORT: u32 = 1024;

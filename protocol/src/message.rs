@@ -104,6 +104,7 @@ pub enum Operation {
         format: Transfer,
     },
     ListBlockDevices,
+    Image(crate::ImageOp),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +144,9 @@ pub enum Outcome {
         bytes: u64,
     },
     BlockDevices(Vec<BlockDevice>),
+    /// An image operation completed.
+    Done,
+    Packages(Vec<crate::Package>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +180,10 @@ pub enum ErrorKind {
     /// The request made no sense (bad path, unknown device, reused id).
     InvalidRequest,
     Cancelled,
+    /// A filesystem of the image (or the helper's scratch space) is full.
+    NoSpace,
+    /// apt cannot find a package the recipe names.
+    MissingPackage,
 }
 
 impl std::fmt::Display for OperationError {

@@ -11,6 +11,7 @@ mod release;
 pub use deb::extract_data;
 pub use fetch::{hex, Fetcher, Stats, Status};
 pub use packages::{Package, PackageIndex};
+pub use release::KEYRING;
 
 use crate::arch::Arch;
 use anyhow::{Context, Result};

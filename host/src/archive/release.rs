@@ -8,7 +8,7 @@ use std::process::Command;
 
 /// Debian's archive keyring (bullseye, bookworm and trixie keys), from the
 /// `debian-archive-keyring` package.
-const KEYRING: &[u8] = include_bytes!("../../../images/keys/debian-archive-keyring.gpg");
+pub const KEYRING: &[u8] = include_bytes!("../../../images/keys/debian-archive-keyring.gpg");
 
 pub struct Release {
     files: HashMap<String, Entry>,

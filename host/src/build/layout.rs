@@ -1,15 +1,19 @@
-//! The disk layout as an sfdisk script, with Debian's partition type GUIDs.
+//! The disk layout: partition numbers, devices and Debian's partition type GUIDs.
 
 use crate::arch::Arch;
-use crate::recipe::{PartitionKind, Recipe, TableKind};
+use crate::recipe::{Partition, PartitionKind, Recipe, TableKind};
+use imgvm_protocol::PartitionSpec;
 
-/// The kernel's name for partition `number` of the first virtio disk.
+/// The image, as the helper VM sees it: its first (and only) virtio disk.
+pub const DISK: &str = "/dev/vda";
+
+/// The kernel's name for partition `number` of the image.
 pub fn device(number: u32) -> String {
-    format!("/dev/vda{number}")
+    format!("{DISK}{number}")
 }
 
 /// The number each partition gets: its own, else its position.
-pub fn numbered(recipe: &Recipe) -> Vec<(u32, &crate::recipe::Partition)> {
+pub fn numbered(recipe: &Recipe) -> Vec<(u32, &Partition)> {
     recipe
         .partitions
         .iter()
@@ -18,25 +22,20 @@ pub fn numbered(recipe: &Recipe) -> Vec<(u32, &crate::recipe::Partition)> {
         .collect()
 }
 
-/// Partitions are written in list order, so the last one (root) is physically last
+/// The partition table's entries in list order, so the last one (root) is physically last
 /// whatever its number.
-pub fn sfdisk_script(recipe: &Recipe) -> String {
+pub fn partition_specs(recipe: &Recipe) -> Vec<PartitionSpec> {
     let gpt = recipe.table == TableKind::Gpt;
-    let mut script = format!("label: {}\nunit: sectors\n\n", if gpt { "gpt" } else { "dos" });
-    for (number, part) in numbered(recipe) {
-        let mut fields = Vec::new();
-        if let Some(size) = part.size {
-            fields.push(format!("size={}", size.bytes() / 512));
-        }
-        fields.push(format!("type={}", type_code(part.kind, recipe.arch, gpt)));
-        if gpt {
-            fields.push(format!("name=\"{}\"", part.name));
-        } else if part.mount.as_deref() == Some("/") || part.kind == PartitionKind::Esp {
-            fields.push("bootable".into());
-        }
-        script.push_str(&format!("{} : {}\n", device(number), fields.join(", ")));
-    }
-    script
+    numbered(recipe)
+        .into_iter()
+        .map(|(number, part)| PartitionSpec {
+            number,
+            size_bytes: part.size.map(|s| s.bytes()),
+            type_code: type_code(part.kind, recipe.arch, gpt).into(),
+            name: part.name.clone(),
+            bootable: !gpt && (part.mount.as_deref() == Some("/") || part.kind == PartitionKind::Esp),
+        })
+        .collect()
 }
 
 /// GPT type GUIDs as Debian's images use them; MBR type bytes otherwise.

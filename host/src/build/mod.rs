@@ -3,17 +3,19 @@
 
 mod layout;
 mod outputs;
-mod steps;
+mod plan;
 
 use crate::archive::Fetcher;
 use crate::helper::{Helper, HelperOptions};
-use crate::recipe::{OutputFormat, Recipe, Step};
-use anyhow::{bail, Context, Result};
-use imgvm_protocol::{Command, ErrorKind, Event};
+use crate::recipe::Recipe;
+use anyhow::{anyhow, bail, Context, Result};
+use imgvm_protocol::{ErrorKind, Event, ImageOp, Operation, OperationError, Outcome, TARGET};
+use indicatif::HumanBytes;
+use plan::{Action, Phase};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use steps::Action;
+use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
 pub struct BuildOptions {
@@ -46,8 +48,10 @@ struct Log {
 }
 
 impl Log {
+    /// Flushed line by line, so that `tail -f` follows a running build.
     fn line(&mut self, text: &str) {
         let _ = writeln!(self.file, "{text}");
+        let _ = self.file.flush();
     }
 }
 
@@ -146,46 +150,12 @@ async fn run_steps(
         seconds: boot_started.elapsed().as_secs_f64(),
     });
 
+    let mut packages = Vec::new();
     let work = async {
-        let mut phases: Vec<(String, Vec<Action>)> = vec![("partition and format".into(), steps::prepare_disk(recipe))];
-        let count = recipe.steps.len();
-        for (i, step) in recipe.steps.iter().enumerate() {
-            let label = format!("step {}/{count} ({})", i + 1, step.kind());
-            if let Step::Finalize(finalize) = step {
-                // The package list and a rootfs tarball are taken before the image is unmounted.
-                phases.push((label, steps::finalize_cleanup()));
-                for (label, actions) in phases.drain(..) {
-                    timings.push(run_phase(&helper, &label, actions, log, cancel).await?);
-                }
-                let packages = list_packages(&helper, cancel).await?;
-                if recipe.outputs.contains(&OutputFormat::Rootfs) {
-                    let started = Instant::now();
-                    let tarball = staging.join("rootfs.tar");
-                    crate::transfer::copy_out(&helper.session, &format!("{}/", steps::TARGET), &tarball, cancel)
-                        .await?;
-                    timings.push(Timing {
-                        step: "rootfs tarball".into(),
-                        seconds: started.elapsed().as_secs_f64(),
-                    });
-                }
-                timings.push(
-                    run_phase(
-                        &helper,
-                        "unmount",
-                        steps::finalize_unmount(recipe, finalize.trim),
-                        log,
-                        cancel,
-                    )
-                    .await?,
-                );
-                return Ok::<_, anyhow::Error>(packages);
-            }
-            phases.push((label, steps::step(recipe, step)));
-            for (label, actions) in phases.drain(..) {
-                timings.push(run_phase(&helper, &label, actions, log, cancel).await?);
-            }
+        for phase in plan::plan(recipe) {
+            timings.push(run_phase(&helper, recipe, phase, staging, &mut packages, log, cancel).await?);
         }
-        unreachable!("recipes end with finalize")
+        Ok::<_, anyhow::Error>(())
     };
     let result = work.await;
     let (downloaded, cached) = helper.proxy.debs();
@@ -198,99 +168,150 @@ async fn run_steps(
         "package proxy: {downloaded} .deb downloaded, {cached} from the cache"
     ));
     let shutdown = helper.shutdown().await;
-    let packages = result?;
+    result?;
     shutdown?;
     Ok((timings, packages))
 }
 
 async fn run_phase(
     helper: &Helper,
-    label: &str,
-    actions: Vec<Action>,
+    recipe: &Recipe,
+    phase: Phase,
+    staging: &Path,
+    packages: &mut Vec<outputs::Package>,
     log: &mut Log,
     cancel: &CancellationToken,
 ) -> Result<Timing> {
+    let label = phase.label;
     let started = Instant::now();
     tracing::info!("{label}");
     log.line(&format!("== {label}"));
-    let spinner = crate::progress::spinner(label.to_owned());
-    for action in actions {
-        match action {
-            Action::Script(script) => {
-                let reply = run_script(helper, script, cancel, |_, line| {
-                    tracing::debug!("{line}");
-                    log.line(line);
-                })
-                .await?;
-                match reply {
-                    Ok(_) => {}
-                    Err(e) if e.kind == ErrorKind::Cancelled => bail!("{label}: cancelled"),
-                    Err(e) => {
-                        spinner.finish_and_clear();
-                        let tail = e.stderr_tail.iter().map(|l| format!("\n  {l}")).collect::<String>();
-                        bail!("{label} failed: {}{tail}", e.message);
-                    }
+    let downloaded_before = helper.proxy.downloaded_bytes();
+    let spinner = crate::progress::spinner(label.clone());
+    // The spinner shows what this step has fetched from the mirror so far.
+    let ticker = {
+        let (spinner, proxy, label) = (spinner.clone(), helper.proxy.clone(), label.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let bytes = proxy.downloaded_bytes() - downloaded_before;
+                if bytes > 0 {
+                    spinner.set_message(format!("{label} ({} downloaded)", HumanBytes(bytes)));
                 }
             }
-            Action::Upload { path, data, mode } => {
-                let reply = helper
-                    .session
-                    .upload(&data[..], &path, imgvm_protocol::Transfer::File, mode, cancel)
-                    .await?;
-                reply.map_err(|e| anyhow::anyhow!("{label}: writing {path}: {e}"))?;
-            }
-            Action::Copy { from, to } => crate::transfer::copy_in(&helper.session, &from, &to, cancel)
-                .await
-                .with_context(|| format!("{label}: copying {}", from.display()))?,
-        }
-    }
-    spinner.finish_and_clear();
-    let seconds = started.elapsed().as_secs_f64();
-    log.line(&format!("== {label}: {seconds:.1} s"));
-    Ok(Timing {
-        step: label.to_owned(),
-        seconds,
-    })
-}
-
-/// Runs `script` with `sh -c` in the helper, handing each output line to `on_line`
-/// (with whether it came from stdout).
-async fn run_script(
-    helper: &Helper,
-    script: String,
-    cancel: &CancellationToken,
-    mut on_line: impl FnMut(bool, &str),
-) -> Result<crate::session::Reply, crate::session::SessionError> {
-    let command = Command {
-        argv: vec!["sh".into(), "-c".into(), script],
-        ..Default::default()
-    };
-    let on_event = |event| match event {
-        Event::Stdout(line) => on_line(true, &String::from_utf8_lossy(&line)),
-        Event::Stderr(line) => on_line(false, &String::from_utf8_lossy(&line)),
-        Event::Progress { .. } => {}
-    };
-    helper.session.run(command, None, on_event, cancel).await
-}
-
-async fn list_packages(helper: &Helper, cancel: &CancellationToken) -> Result<Vec<outputs::Package>> {
-    let mut lines = Vec::new();
-    let reply = run_script(helper, steps::package_list(), cancel, |stdout, line| {
-        if stdout {
-            lines.push(line.to_owned());
-        }
-    })
-    .await?;
-    reply.map_err(|e| anyhow::anyhow!("listing the installed packages: {e}"))?;
-    Ok(lines
-        .iter()
-        .filter_map(|l| {
-            let mut f = l.split('\t');
-            Some(outputs::Package {
-                name: f.next()?.into(),
-                version: f.next()?.into(),
-                architecture: f.next()?.into(),
-            })
         })
-        .collect())
+    };
+    let result = async {
+        for action in phase.actions {
+            run_action(helper, action, staging, packages, log, cancel).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    ticker.abort();
+    spinner.finish_and_clear();
+    if let Err(e) = result {
+        return Err(match e.downcast::<OperationError>() {
+            Ok(e) => failure(recipe, &label, e),
+            Err(e) => e.context(format!("{label} failed")),
+        });
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let downloaded = helper.proxy.downloaded_bytes() - downloaded_before;
+    let fetched = if downloaded > 0 {
+        format!(", {} downloaded", HumanBytes(downloaded))
+    } else {
+        String::new()
+    };
+    tracing::info!("{label}: {seconds:.1} s{fetched}");
+    log.line(&format!("== {label}: {seconds:.1} s{fetched}"));
+    Ok(Timing { step: label, seconds })
+}
+
+/// Carries out one planned action; an agent's refusal comes back as an `OperationError`
+/// inside the `anyhow::Error`, for [`failure`] to word.
+async fn run_action(
+    helper: &Helper,
+    action: Action,
+    staging: &Path,
+    packages: &mut Vec<outputs::Package>,
+    log: &mut Log,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let (op, input): (ImageOp, Option<Box<dyn AsyncRead + Send + Unpin>>) = match action {
+        Action::Op(op) => (op, None),
+        Action::Feed(op, bytes) => (op, Some(Box::new(std::io::Cursor::new(bytes)))),
+        Action::Stream(op, path) if path.is_dir() => {
+            let (mut tar, stdout) = crate::transfer::tar_stream(&path)?;
+            request(helper, op, Some(Box::new(stdout)), log, cancel).await?;
+            let status = tar.wait().await?;
+            if !status.success() {
+                bail!("tar of {} failed ({status})", path.display());
+            }
+            return Ok(());
+        }
+        Action::Stream(op, path) => {
+            let file = tokio::fs::File::open(&path)
+                .await
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            (op, Some(Box::new(file)))
+        }
+        Action::ListPackages => {
+            if let Outcome::Packages(list) = request(helper, ImageOp::ListPackages, None, log, cancel).await? {
+                *packages = list
+                    .into_iter()
+                    .map(|p| outputs::Package {
+                        name: p.name,
+                        version: p.version,
+                        architecture: p.architecture,
+                    })
+                    .collect();
+            }
+            return Ok(());
+        }
+        Action::RootfsTarball => {
+            let tarball = staging.join("rootfs.tar");
+            return crate::transfer::copy_out(&helper.session, &format!("{TARGET}/"), &tarball, cancel).await;
+        }
+    };
+    request(helper, op, input, log, cancel).await.map(drop)
+}
+
+/// One image operation, its output lines going to the build log (and the debug log).
+async fn request(
+    helper: &Helper,
+    op: ImageOp,
+    input: Option<Box<dyn AsyncRead + Send + Unpin + '_>>,
+    log: &mut Log,
+    cancel: &CancellationToken,
+) -> Result<Outcome> {
+    let on_event = |event| {
+        if let Event::Stdout(line) | Event::Stderr(line) = event {
+            let line = String::from_utf8_lossy(&line);
+            tracing::debug!("{line}");
+            log.line(&line);
+        }
+    };
+    let reply = helper
+        .session
+        .request(Operation::Image(op), input, on_event, cancel)
+        .await?;
+    Ok(reply?)
+}
+
+/// The agent's error, worded for the user: which step, what went wrong, and for the
+/// failures with a known cause what to do about it.
+fn failure(recipe: &Recipe, label: &str, e: OperationError) -> anyhow::Error {
+    let what = format!("{}: {label}", recipe.file.display());
+    let tail: String = e.stderr_tail.iter().map(|l| format!("\n  {l}")).collect();
+    match e.kind {
+        ErrorKind::Cancelled => anyhow!("{what}: cancelled"),
+        ErrorKind::MissingPackage => anyhow!("{what}: {}", e.message),
+        ErrorKind::NoSpace => anyhow!(
+            "{what}: {}\nThe disk is {}: raise `disk.size` in the recipe.",
+            e.message,
+            recipe.disk_size
+        ),
+        _ => anyhow!("{what} failed: {}: {}{tail}", e.operation, e.message),
+    }
 }

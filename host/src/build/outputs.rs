@@ -208,3 +208,165 @@ fn sha256(path: &Path) -> Result<String> {
     std::io::copy(&mut file, &mut hasher)?;
     Ok(crate::archive::hex(&hasher.finalize()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn tool(program: &str, args: &[&str]) -> String {
+        let out = Command::new(program).args(args).output().expect("tool runs");
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Every format from one small partitioned disk, checked with the tools its consumers
+    /// use: qemu-img for the disk formats, tar for the archives, sha256sum for the sums.
+    #[tokio::test]
+    async fn every_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe_path = dir.path().join("r.yaml");
+        std::fs::write(
+            &recipe_path,
+            "name: t\nsuite: trixie\ndisk:\n  size: 64MiB\n  partitions:\n    - {name: esp, type: esp, size: 8MiB, filesystem: vfat, mount: /boot/efi}\n    - {name: root, type: root, filesystem: ext4, mount: /}\noutputs: [raw, qcow2-compressed, vmdk, vhd, gce-tar, rootfs]\n",
+        )
+        .unwrap();
+        let recipe = Recipe::load(&recipe_path, Some(crate::arch::Arch::Amd64)).unwrap();
+        let staging = dir.path().join("staging");
+        std::fs::create_dir(&staging).unwrap();
+        let disk = staging.join("disk.raw");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(recipe.disk_size.bytes())
+            .unwrap();
+        let script = super::super::layout::partition_specs(&recipe)
+            .iter()
+            .map(|p| match p.size_bytes {
+                Some(size) => format!("size={}, type={}\n", size / 512, p.type_code),
+                None => format!("type={}\n", p.type_code),
+            })
+            .collect::<String>();
+        let mut sfdisk = Command::new("sfdisk")
+            .args(["--quiet", "--label", "gpt"])
+            .arg(&disk)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut sfdisk.stdin.take().unwrap(), script.as_bytes()).unwrap();
+        assert!(sfdisk.wait().unwrap().success());
+        std::fs::write(
+            staging.join("rootfs.tar"),
+            tool("tar", &["-c", "-f", "-", "-C", "/etc", "hostname"]),
+        )
+        .unwrap();
+        let mut log = Log {
+            file: std::io::BufWriter::new(std::fs::File::create(dir.path().join("log")).unwrap()),
+        };
+        let packages = [Package {
+            name: "base-files".into(),
+            version: "13.8".into(),
+            architecture: "amd64".into(),
+        }];
+        let files = write(
+            &recipe,
+            "t-amd64",
+            &staging,
+            &disk,
+            &packages,
+            &[],
+            Instant::now(),
+            &mut log,
+        )
+        .await
+        .unwrap();
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "t-amd64.raw",
+                "t-amd64.qcow2",
+                "t-amd64.vmdk",
+                "t-amd64.vhd",
+                "t-amd64.tar.gz",
+                "t-amd64.rootfs.tar",
+                "t-amd64.manifest.json",
+                "SHA256SUMS"
+            ]
+        );
+        assert!(!disk.exists(), "the working disk became the raw output");
+        let path = |name: &str| staging.join(name).display().to_string();
+        // Named formats: qemu-img cannot tell a fixed VHD (a footer at the end) from raw.
+        let info = |name: &str, format: &str| -> serde_json::Value {
+            serde_json::from_str(&tool("qemu-img", &["info", "--output=json", "-f", format, &path(name)])).unwrap()
+        };
+
+        // Each converted image holds the same disk: same partition table, same bytes.
+        for (name, format) in [
+            ("t-amd64.qcow2", "qcow2"),
+            ("t-amd64.vmdk", "vmdk"),
+            ("t-amd64.vhd", "vpc"),
+        ] {
+            assert_eq!(info(name, format)["virtual-size"], 64 << 20, "{name}");
+            tool(
+                "qemu-img",
+                &["compare", "-f", "raw", "-F", format, &path("t-amd64.raw"), &path(name)],
+            );
+        }
+        assert_eq!(
+            info("t-amd64.qcow2", "qcow2")["format-specific"]["data"]["compat"],
+            "1.1"
+        );
+        assert_eq!(
+            info("t-amd64.vmdk", "vmdk")["format-specific"]["data"]["create-type"],
+            "streamOptimized"
+        );
+        // A fixed VHD is the disk itself plus a 512-byte footer that says "fixed" (type 2).
+        let vhd = std::fs::read(path("t-amd64.vhd")).unwrap();
+        assert_eq!(vhd.len(), (64 << 20) + 512);
+        let footer = &vhd[64 << 20..];
+        assert_eq!(&footer[..8], b"conectix");
+        assert_eq!(footer[60..64], [0, 0, 0, 2]);
+        // GCE: a gzipped tar with one member, disk.raw, the whole disk.
+        let listing = tool("tar", &["-tvzf", &path("t-amd64.tar.gz")]);
+        let members: Vec<&str> = listing.lines().collect();
+        assert_eq!(members.len(), 1, "{listing}");
+        assert!(
+            members[0].contains(&format!(" {} ", 64 << 20)) && members[0].ends_with(" disk.raw"),
+            "{listing}"
+        );
+        let unpacked = dir.path().join("gce");
+        std::fs::create_dir(&unpacked).unwrap();
+        tool(
+            "tar",
+            &["-xzf", &path("t-amd64.tar.gz"), "-C", unpacked.to_str().unwrap()],
+        );
+        tool(
+            "cmp",
+            &[&path("t-amd64.raw"), unpacked.join("disk.raw").to_str().unwrap()],
+        );
+        assert_eq!(tool("tar", &["-tf", &path("t-amd64.rootfs.tar")]).trim(), "hostname");
+
+        // The sums cover every output and the manifest, and they hold.
+        let sums = std::fs::read_to_string(staging.join("SHA256SUMS")).unwrap();
+        assert_eq!(sums.lines().count(), 7, "{sums}");
+        let check = Command::new("sha256sum")
+            .args(["--check", "--strict", "SHA256SUMS"])
+            .current_dir(&staging)
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(staging.join("t-amd64.manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["outputs"].as_array().unwrap().len(), 6);
+        assert_eq!(manifest["outputs"][3]["format"], "vhd");
+        assert_eq!(manifest["packages"][0]["name"], "base-files");
+        assert_eq!(manifest["recipe"]["sha256"], recipe.hash.as_str());
+    }
+}

@@ -22,12 +22,22 @@ struct Source {
 pub fn load(path: &Path, arch_override: Option<Arch>) -> Result<Recipe, RecipeError> {
     let mut sources = Vec::new();
     read_chain(path, &BTreeMap::new(), &mut Vec::new(), &mut sources)?;
-    let top = sources.last().expect("the file itself was read");
-    let (top_path, top_text) = (top.path.clone(), top.text.clone());
-    let locate = |needle: &str| locate(&top_text, needle);
+    let top_path = sources.last().expect("the file itself was read").path.clone();
+    // A setting found wrong after merging is pointed to in the file that has it: the
+    // recipe itself first, then what it extends, nearest first.
+    let locate = |needle: &str| -> (PathBuf, usize, usize) {
+        sources
+            .iter()
+            .rev()
+            .find_map(|s| match locate(&s.text, needle) {
+                (0, _) => None,
+                (line, column) => Some((s.path.clone(), line, column)),
+            })
+            .unwrap_or_else(|| (top_path.clone(), 0, 0))
+    };
     let err = |needle: &str, message: String| {
-        let (line, column) = locate(needle);
-        RecipeError::new(&top_path, line, column, message)
+        let (file, line, column) = locate(needle);
+        RecipeError::new(file, line, column, message)
     };
 
     let mut merged = Body::default();
@@ -119,7 +129,7 @@ pub fn load(path: &Path, arch_override: Option<Arch>) -> Result<Recipe, RecipeEr
             crate::archive::hex(&hasher.finalize())
         },
     };
-    super::validate::check(&recipe, &|needle: &str| locate(needle))?;
+    super::validate::check(&recipe, &locate)?;
     Ok(recipe)
 }
 

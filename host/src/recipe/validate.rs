@@ -10,10 +10,11 @@ use std::collections::BTreeSet;
 /// start, 1 MiB for GPT's backup header at the end.
 const TABLE_OVERHEAD: u64 = 2 << 20;
 
-pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (usize, usize)) -> Result<(), RecipeError> {
+/// `locate` finds the file, line and column where a piece of text first appears.
+pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usize, usize)) -> Result<(), RecipeError> {
     let fail = |needle: &str, message: String| {
-        let (line, column) = locate(needle);
-        Err(RecipeError::new(&recipe.file, line, column, message))
+        let (file, line, column) = locate(needle);
+        Err(RecipeError::new(file, line, column, message))
     };
     let arch = recipe.arch;
     let parts = &recipe.partitions;
@@ -77,6 +78,24 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (usize, usize)) -> Result
             }
             _ => {}
         }
+        if let Some(uuid) = &part.uuid {
+            let hex_groups = |lens: &[usize]| {
+                let groups: Vec<&str> = uuid.split('-').collect();
+                groups.len() == lens.len()
+                    && groups
+                        .iter()
+                        .zip(lens)
+                        .all(|(g, &n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
+            };
+            let (ok, form) = match part.filesystem {
+                None => return fail(&here, format!("{what}: has a uuid but no filesystem")),
+                Some(Filesystem::Vfat) => (hex_groups(&[4, 4]), "ABCD-1234"),
+                Some(_) => (hex_groups(&[8, 4, 4, 4, 12]), "01234567-89ab-cdef-0123-456789abcdef"),
+            };
+            if !ok {
+                return fail(uuid, format!("{what}: uuid `{uuid}` is not of the form {form}"));
+            }
+        }
         let arch_ok = match part.kind {
             PartitionKind::BiosBoot => arch == Arch::Amd64 && recipe.table == TableKind::Gpt,
             PartitionKind::Prep => arch == Arch::Ppc64el,
@@ -125,6 +144,12 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (usize, usize)) -> Result
         if !outputs.insert(format!("{format:?}")) {
             return fail("outputs:", format!("output {format:?} is listed twice"));
         }
+        if *format == OutputFormat::Qcow2Compressed && recipe.outputs.contains(&OutputFormat::Qcow2) {
+            return fail(
+                "outputs:",
+                "qcow2 and qcow2-compressed would both be NAME.qcow2: choose one".into(),
+            );
+        }
         if *format == OutputFormat::Vhd && !recipe.disk_size.bytes().is_multiple_of(1 << 20) {
             return fail(
                 "outputs:",
@@ -138,12 +163,18 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (usize, usize)) -> Result
         match step {
             Step::Bootstrap(_) if i != 0 => return fail(&needle, format!("{what}: bootstrap must be the first step")),
             Step::Finalize(_) if i != last => return fail(&needle, format!("{what}: finalize must be the last step")),
-            Step::File(file) if !file.path.starts_with('/') => {
-                return fail(&file.path, format!("{what}: path `{}` is not absolute", file.path));
+            Step::File(file) if !inside_image(&file.path) => {
+                return fail(
+                    &file.path,
+                    format!("{what}: path `{}` is not an absolute path without `..`", file.path),
+                );
             }
             Step::Copy(copy) => {
-                if !copy.to.starts_with('/') {
-                    return fail(&copy.to, format!("{what}: destination `{}` is not absolute", copy.to));
+                if !inside_image(&copy.to) {
+                    return fail(
+                        &copy.to,
+                        format!("{what}: destination `{}` is not an absolute path without `..`", copy.to),
+                    );
                 }
                 let source = recipe.dir().join(&copy.from);
                 if !source.exists() {
@@ -211,4 +242,9 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (usize, usize)) -> Result
         }
     }
     Ok(())
+}
+
+/// Whether `path` names a place in the image: absolute, never climbing out with `..`.
+fn inside_image(path: &str) -> bool {
+    path.starts_with('/') && !path.split('/').any(|c| c == "..")
 }

@@ -1,0 +1,233 @@
+//! Running a program for a request: its own process group, output streamed to the host
+//! line by line (or captured), stdin fed from the host's stream or from the agent, and
+//! cancellation by the host.
+
+use crate::job::{Inbound, Job};
+use crate::reaper;
+use imgvm_protocol::{ErrorKind, Event, GuestMessage, OperationError, RequestId, MAX_LINE_LEN, STDERR_TAIL_LINES};
+use std::collections::VecDeque;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{ChildStdin, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Grace between SIGTERM and SIGKILL when a command is cancelled.
+const KILL_GRACE: Duration = Duration::from_secs(3);
+
+pub enum Input {
+    Null,
+    /// The request's data stream.
+    Host,
+    /// Bytes the agent itself supplies (an sfdisk script, a file's content).
+    Bytes(Vec<u8>),
+}
+
+/// A program with its arguments and extra environment.
+pub struct Program {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+}
+
+impl Program {
+    pub fn new<S: AsRef<str>>(argv: &[S]) -> Self {
+        Program {
+            argv: argv.iter().map(|a| a.as_ref().to_owned()).collect(),
+            env: Vec::new(),
+            cwd: None,
+        }
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// How the program is named in errors: the first words of its command line.
+    fn display(&self) -> String {
+        let mut words: Vec<&str> = self.argv.iter().take(6).map(String::as_str).collect();
+        if self.argv.len() > words.len() {
+            words.push("…");
+        }
+        let line = words.join(" ");
+        match line.char_indices().nth(120) {
+            Some((cut, _)) => format!("{}…", &line[..cut]),
+            None => line,
+        }
+    }
+}
+
+/// Runs `program` to its end. Its stdout goes to the host as events, or with `capture` is
+/// returned instead. A failure carries the exit status and the tail of stderr.
+pub fn run(job: &Job, program: &Program, input: Input, capture: bool) -> Result<Vec<u8>, OperationError> {
+    let Some((name, args)) = program.argv.split_first() else {
+        return Err(job.error(ErrorKind::InvalidRequest, "empty command".into()));
+    };
+    let mut cmd = std::process::Command::new(name);
+    cmd.args(args)
+        .envs(program.env.iter().map(|(k, v)| (k, v)))
+        .stdin(match input {
+            Input::Null => Stdio::null(),
+            _ => Stdio::piped(),
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(cwd) = &program.cwd {
+        cmd.current_dir(cwd);
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        let mut error = job.io_error(&e);
+        error.message = format!("cannot start {name}: {e}");
+        error
+    })?;
+    let pid = child.id() as i32;
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    let out = child.stdout.take().map(|s| {
+        let sink = if capture {
+            Sink::Capture(captured.clone())
+        } else {
+            Sink::Host(Event::Stdout)
+        };
+        forward_lines(s, job.id, job.writer.clone(), sink, None)
+    });
+    let err = child.stderr.take().map(|s| {
+        forward_lines(
+            s,
+            job.id,
+            job.writer.clone(),
+            Sink::Host(Event::Stderr),
+            Some(tail.clone()),
+        )
+    });
+    let mut stdin = child.stdin.take();
+    if let (Input::Bytes(bytes), Some(mut pipe)) = (input, stdin.take()) {
+        std::thread::spawn(move || pipe.write_all(&bytes));
+    }
+    let tx = job.tx.clone();
+    std::thread::spawn(move || {
+        let status = reaper::wait(pid);
+        // Output threads end when the pipes close; join them so all output precedes Done.
+        for handle in [out, err].into_iter().flatten() {
+            let _ = handle.join();
+        }
+        let _ = tx.send(Inbound::Exited(status));
+    });
+    let mut cancelled = false;
+    let status = loop {
+        match job.rx.recv() {
+            Ok(Inbound::Data(chunk)) => {
+                let len = chunk.len() as u64;
+                // A command that stopped reading is not an error of the stream: drop input.
+                if let Some(pipe) = stdin.as_mut() {
+                    if pipe.write_all(&chunk).is_err() {
+                        stdin = None;
+                    }
+                }
+                let _ = job.writer.send(&GuestMessage::Credit { id: job.id, bytes: len });
+            }
+            Ok(Inbound::End) => stdin = None::<ChildStdin>,
+            Ok(Inbound::Credit(_)) => {}
+            Ok(Inbound::Cancel) | Err(_) if !cancelled => {
+                cancelled = true;
+                stdin = None;
+                kill_group(pid);
+            }
+            Ok(Inbound::Cancel) | Err(_) => {}
+            Ok(Inbound::Exited(status)) => break status,
+        }
+    };
+    let code = reaper::exit_code(status);
+    let mut error = job.error(ErrorKind::CommandFailed, String::new());
+    error.exit_code = Some(code);
+    if cancelled {
+        error.kind = ErrorKind::Cancelled;
+        error.message = "cancelled by the host".into();
+        return Err(error);
+    }
+    if code == 0 {
+        return Ok(std::mem::take(&mut *captured.lock().unwrap()));
+    }
+    let how = if code > 128 {
+        format!("killed by signal {}", code - 128)
+    } else {
+        format!("exited with status {code}")
+    };
+    error.message = format!("`{}` {how}", program.display());
+    error.stderr_tail = tail.lock().unwrap().iter().cloned().collect();
+    Err(error)
+}
+
+/// SIGTERM to the whole process group, SIGKILL after a grace period.
+pub fn kill_group(pid: i32) {
+    // SAFETY: kill(2) with a negative pid signals a process group.
+    unsafe { libc::kill(-pid, libc::SIGTERM) };
+    std::thread::spawn(move || {
+        std::thread::sleep(KILL_GRACE);
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    });
+}
+
+enum Sink {
+    Host(fn(Vec<u8>) -> Event),
+    Capture(Arc<Mutex<Vec<u8>>>),
+}
+
+fn forward_lines(
+    pipe: impl Read + Send + 'static,
+    id: RequestId,
+    writer: crate::connection::Writer,
+    sink: Sink,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::with_capacity(MAX_LINE_LEN, pipe);
+        while let Ok(Some(line)) = read_line(&mut reader) {
+            if let Some(tail) = &tail {
+                let mut tail = tail.lock().unwrap();
+                if tail.len() == STDERR_TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(String::from_utf8_lossy(&line).into_owned());
+            }
+            match &sink {
+                Sink::Host(event) => {
+                    if writer.send(&GuestMessage::Event { id, event: event(line) }).is_err() {
+                        break;
+                    }
+                }
+                Sink::Capture(buf) => {
+                    let mut buf = buf.lock().unwrap();
+                    buf.extend_from_slice(&line);
+                    buf.push(b'\n');
+                }
+            }
+        }
+    })
+}
+
+/// One line without its newline, at most [`MAX_LINE_LEN`] bytes; `None` at end of input.
+fn read_line(reader: &mut impl BufRead) -> io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok((!line.is_empty()).then_some(line));
+        }
+        let room = MAX_LINE_LEN - line.len();
+        let window = &buf[..buf.len().min(room)];
+        if let Some(nl) = window.iter().position(|&b| b == b'\n') {
+            line.extend_from_slice(&window[..nl]);
+            reader.consume(nl + 1);
+            return Ok(Some(line));
+        }
+        let n = window.len();
+        line.extend_from_slice(window);
+        reader.consume(n);
+        if line.len() == MAX_LINE_LEN {
+            return Ok(Some(line));
+        }
+    }
+}

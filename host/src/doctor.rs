@@ -83,34 +83,13 @@ pub fn run() -> bool {
             p.display().to_string()
         }),
     });
-    for (what, paths, package) in [
-        (
-            "SeaBIOS (amd64 BIOS)",
-            &["/usr/share/qemu/bios-256k.bin", "/usr/share/seabios/bios-256k.bin"][..],
-            "seabios",
-        ),
-        (
-            "OVMF (amd64 UEFI)",
-            &["/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd"][..],
-            "ovmf",
-        ),
-        (
-            "AAVMF (arm64 UEFI)",
-            &["/usr/share/AAVMF/AAVMF_CODE.fd"][..],
-            "qemu-efi-aarch64",
-        ),
-        (
-            "SLOF (ppc64el firmware)",
-            &["/usr/share/qemu/slof.bin"][..],
-            "qemu-system-ppc",
-        ),
-    ] {
-        let found = paths.iter().map(Path::new).find(|p| p.exists());
+    use crate::boottest::firmware::{AAVMF, OVMF, SEABIOS, SLOF};
+    for files in [SEABIOS, OVMF, AAVMF, SLOF] {
         checks.push(file_check(
-            what,
-            found,
+            files.what,
+            files.code(),
             false,
-            &format!("install: apt-get install {package}"),
+            &format!("install: apt-get install {}", files.package),
         ));
     }
     let cache = crate::cache::dir();

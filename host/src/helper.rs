@@ -135,7 +135,7 @@ impl Helper {
     }
 }
 
-fn default_cpus() -> u32 {
+pub fn default_cpus() -> u32 {
     std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1)

@@ -4,12 +4,15 @@
 //! - [`appliance`] assembles the helper VM's kernel and initramfs from them,
 //! - [`vm`] boots it with qemu and a vsock transport,
 //! - [`session`] speaks the protocol to the agent inside,
-//! - [`helper`] ties those together, and [`run`] is `imgvm run` on top.
+//! - [`helper`] ties those together, and [`run`] is `imgvm run` on top;
+//! - [`recipe`] reads recipes and [`build`] turns them into images;
+//! - [`boottest`] boots built images on their firmware (`imgvm test`).
 
 pub mod agent;
 pub mod appliance;
 pub mod arch;
 pub mod archive;
+pub mod boottest;
 pub mod build;
 pub mod cache;
 pub mod doctor;

@@ -36,6 +36,8 @@ enum Cmd {
     Doctor,
     /// Build an image from a recipe (default: Debian stable nocloud for this machine).
     Build(BuildArgs),
+    /// Boot a built image on its firmware and check that it comes up.
+    Test(TestArgs),
     /// Boot the helper VM and run a command in it (the debugging entry point).
     Run(RunArgs),
     /// Assemble or inspect the helper VM's appliance.
@@ -128,6 +130,31 @@ struct BuildArgs {
     helper_suite: Option<String>,
 }
 
+#[derive(clap::Args)]
+struct TestArgs {
+    /// The image (raw, qcow2 or vmdk), as `imgvm build` wrote it.
+    image: PathBuf,
+    /// Architecture of the image (default: its manifest's, else this machine's).
+    #[arg(long)]
+    arch: Option<Arch>,
+    /// Firmware to boot with (default: each of the architecture's: BIOS and UEFI on
+    /// amd64, UEFI on arm64, SLOF on ppc64el).
+    #[arg(long, value_enum)]
+    firmware: Option<imgvm::boottest::Firmware>,
+    /// Seconds each boot may take to show the marker.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
+    /// Also write the results as JUnit XML to this file.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    /// Memory of the test VM in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+    /// vCPUs of the test VM (default: the host's cores, at most 8).
+    #[arg(long)]
+    cpus: Option<u32>,
+}
+
 #[derive(Subcommand)]
 enum ApplianceCmd {
     /// Download and assemble the appliance (again, with --refresh).
@@ -175,6 +202,7 @@ async fn dispatch(command: Cmd) -> Result<u8> {
         Cmd::Doctor => Ok(if imgvm::doctor::run() { 0 } else { 1 }),
         Cmd::Run(args) => run(args).await,
         Cmd::Build(args) => build(args).await,
+        Cmd::Test(args) => test(args).await,
         Cmd::Recipe(RecipeCmd::Check { recipe, arch, json }) => {
             let recipe = imgvm::recipe::Recipe::load(&recipe, arch)?;
             if json {
@@ -291,6 +319,69 @@ async fn build(args: BuildArgs) -> Result<u8> {
     }
     tracing::info!("built in {:.0} s", report.seconds);
     Ok(0)
+}
+
+async fn test(args: TestArgs) -> Result<u8> {
+    use imgvm::boottest::{self, junit, BootOptions, ImageInfo};
+    if !args.image.is_file() {
+        anyhow::bail!("{}: no such image", args.image.display());
+    }
+    let info = ImageInfo::of(&args.image);
+    let arch = args.arch.or(info.arch).or_else(Arch::host).unwrap_or(Arch::Amd64);
+    let firmwares = args
+        .firmware
+        .map_or_else(|| boottest::firmware::defaults(arch), |f| vec![f]);
+    let mut cases = Vec::new();
+    let mut failed = false;
+    for firmware in firmwares {
+        let options = BootOptions {
+            image: args.image.clone(),
+            arch,
+            firmware,
+            timeout: Duration::from_secs(args.timeout),
+            memory_mib: args.memory,
+            cpus: args.cpus.unwrap_or_else(imgvm::helper::default_cpus),
+            cloud_init: info.cloud_init,
+        };
+        let name = boottest::firmware::name(arch, firmware);
+        tracing::info!("booting {} ({arch}) with {name}", args.image.display());
+        let Some(result) = interruptible(|cancel| async move { boottest::boot(&options, &cancel).await }).await? else {
+            return Ok(130);
+        };
+        if result.passed {
+            println!("PASS  boot ({name}): marker after {:.1} s", result.seconds);
+        } else {
+            failed = true;
+            println!("FAIL  boot ({name}) after {:.1} s: {}", result.seconds, result.message);
+            println!("      last lines of the console:");
+            for line in result.console_tail.lines() {
+                println!("      | {line}");
+            }
+        }
+        cases.push(junit::Case {
+            name: format!("boot ({name})"),
+            seconds: result.seconds,
+            failure: (!result.passed).then(|| (result.message.clone(), result.console_tail.clone())),
+        });
+    }
+    if let Some(path) = &args.junit {
+        write_atomically(path, junit::render(&info.name, &cases).as_bytes())?;
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// Readers of `path` see the old content or the new, never a part.
+fn write_atomically(path: &std::path::Path, content: &[u8]) -> Result<()> {
+    use anyhow::Context;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    std::io::Write::write_all(&mut tmp, content)?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 fn helper_options(vm: VmArgs, disks: Vec<PathBuf>, memory_mib: u32, cpus: Option<u32>, timeout: u64) -> HelperOptions {

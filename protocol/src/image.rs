@@ -201,6 +201,9 @@ pub struct Bootloader {
     pub installs: Vec<GrubInstall>,
     /// The kernel command line, serial console included.
     pub cmdline: String,
+    /// Whether the kernel finds its root by PARTUUID (Debian's choice) rather than by
+    /// filesystem UUID (for disks without a partition table).
+    pub root_by_partuuid: bool,
     pub timeout: u32,
 }
 

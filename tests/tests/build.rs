@@ -120,6 +120,7 @@ mount -o ro /dev/vda15 /mnt/boot/efi
 [ -f /mnt/boot/efi/EFI/BOOT/BOOTX64.EFI ] && echo grub-efi-removable
 head -c 512 /dev/vda | grep -q GRUB && echo grub-in-mbr
 grep -q 'linux.*console=ttyS0' /mnt/boot/grub/grub.cfg && echo serial-console
+grep -q \"linux.*root=PARTUUID=$(blkid -s PARTUUID -o value /dev/vda1) \" /mnt/boot/grub/grub.cfg && echo root-by-partuuid
 echo machine-id-bytes=$(stat -c %s /mnt/etc/machine-id)
 echo ssh-host-keys=$(ls /mnt/etc/ssh/ | grep -c '^ssh_host_' || true)
 echo apt-lists=$(ls /mnt/var/lib/apt/lists | grep -vc '^lock$\\|^partial$' || true)
@@ -133,6 +134,7 @@ cat /mnt/etc/fstab";
         "grub-efi-removable",
         "grub-in-mbr",
         "serial-console",
+        "root-by-partuuid",
         "machine-id-bytes=0",
         "ssh-host-keys=0",
         "apt-lists=0",

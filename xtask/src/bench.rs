@@ -13,6 +13,7 @@ pub fn run(args: &[&str]) -> Result<()> {
     match args.first() {
         Some(&"boot") => boot(&args[1..]),
         Some(&"build") => build(),
+        Some(&"peak-memory") => peak_memory(&args[1..]),
         _ => bail!("usage: cargo xtask bench build | boot [ARCH[=SUITE]...]"),
     }
 }
@@ -21,7 +22,10 @@ fn build() -> Result<()> {
     crate::exec(crate::cargo().args(["build", "--quiet", "--release", "--package", "imgvm"]))?;
     let bin = crate::agents("release")?.join("imgvm");
     let out = std::env::temp_dir().join(format!("imgvm-bench-build-{}", std::process::id()));
-    let status = Command::new(&bin)
+    // Through `peak-memory`, a process whose only descendants are imgvm and its VM.
+    let status = Command::new(std::env::current_exe()?)
+        .args(["bench", "peak-memory"])
+        .arg(&bin)
         .args(["build", "-o"])
         .arg(&out)
         .status()
@@ -45,6 +49,21 @@ fn build() -> Result<()> {
         );
     }
     println!("{:>9.1}  total", manifest["build_seconds"].as_f64().unwrap_or(f64::NAN));
+    Ok(())
+}
+
+/// Runs a command, then prints the peak resident memory of the largest process among it
+/// and its descendants (imgvm, qemu, vhost-device-vsock).
+fn peak_memory(command: &[&str]) -> Result<()> {
+    let (program, args) = command.split_first().context("peak-memory: no command")?;
+    let status = Command::new(program).args(args).status()?;
+    // SAFETY: getrusage fills a zeroed struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    println!("peak memory of one process: {} MiB", usage.ru_maxrss / 1024);
+    if !status.success() {
+        bail!("{program} failed ({status})");
+    }
     Ok(())
 }
 

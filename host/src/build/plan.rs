@@ -293,6 +293,7 @@ fn bootloader(recipe: &Recipe, boot: &recipe::Bootloader) -> proto::Bootloader {
     proto::Bootloader {
         installs,
         cmdline: format!("{} {console}", boot.cmdline).trim().to_owned(),
+        root_by_partuuid: recipe.table != TableKind::None,
         timeout: boot.timeout,
     }
 }

@@ -203,16 +203,21 @@ impl Drop for Vm {
     }
 }
 
-/// qcow2 files are recognised by their magic; everything else is attached raw.
-fn disk_format(path: &Path) -> Result<&'static str> {
+/// qcow2 and vmdk files are recognised by their magic; everything else (fixed VHDs
+/// included: a footer after raw data) is attached raw.
+pub(crate) fn disk_format(path: &Path) -> Result<&'static str> {
     let mut magic = [0u8; 4];
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open disk {}", path.display()))?;
     let n = std::io::Read::read(&mut file, &mut magic)?;
-    Ok(if n == 4 && magic == *b"QFI\xfb" { "qcow2" } else { "raw" })
+    Ok(match &magic[..n] {
+        b"QFI\xfb" => "qcow2",
+        b"KDMV" => "vmdk",
+        _ => "raw",
+    })
 }
 
 /// qemu's option syntax uses commas as separators; a literal comma is doubled.
-fn escape_option(path: &Path) -> std::ffi::OsString {
+pub(crate) fn escape_option(path: &Path) -> std::ffi::OsString {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     let mut out = Vec::new();
     for &b in path.as_os_str().as_bytes() {

@@ -1,0 +1,263 @@
+//! `imgvm test`: boots a built image on its architecture's real firmware, on the serial
+//! console, with a NoCloud seed that makes cloud-init print a marker; images without
+//! cloud-init are logged into as root on the console to print it. Passing means the
+//! marker appeared; failing says how far the boot got.
+//!
+//! The image is attached as a snapshot: testing never changes it.
+
+pub mod firmware;
+pub mod junit;
+mod seed;
+mod stage;
+
+pub use firmware::Firmware;
+pub use stage::Stage;
+
+use crate::arch::Arch;
+use crate::vm::Accel;
+use anyhow::{Context, Result};
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+pub struct BootOptions {
+    pub image: PathBuf,
+    pub arch: Arch,
+    pub firmware: Firmware,
+    pub timeout: Duration,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Whether the image has cloud-init; `None` lets the console tell.
+    pub cloud_init: Option<bool>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BootResult {
+    /// `seabios`, `ovmf`, `aavmf` or `slof`.
+    pub firmware: &'static str,
+    pub passed: bool,
+    /// Time to the marker, or to the failure.
+    pub seconds: f64,
+    pub stage: Stage,
+    pub message: String,
+    pub console_tail: String,
+}
+
+/// What the image's manifest (written next to it by `imgvm build`) says about it.
+#[derive(Debug, Default)]
+pub struct ImageInfo {
+    /// The build's name (`debian-13-genericcloud-amd64`), else the file's stem.
+    pub name: String,
+    pub arch: Option<Arch>,
+    pub cloud_init: Option<bool>,
+}
+
+impl ImageInfo {
+    pub fn of(image: &Path) -> ImageInfo {
+        let file = image
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let stem = file.split_once('.').map_or(file.as_str(), |(s, _)| s).to_owned();
+        let manifest = image.with_file_name(format!("{stem}.manifest.json"));
+        let Some(manifest) = std::fs::read(&manifest)
+            .ok()
+            .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok())
+        else {
+            return ImageInfo {
+                name: stem,
+                ..ImageInfo::default()
+            };
+        };
+        let packages = manifest["packages"].as_array();
+        ImageInfo {
+            name: manifest["name"].as_str().map_or(stem, str::to_owned),
+            arch: manifest["arch"].as_str().and_then(|a| a.parse().ok()),
+            cloud_init: packages.map(|p| p.iter().any(|p| p["name"] == "cloud-init")),
+        }
+    }
+}
+
+/// Console output kept for the report; older output is dropped.
+const CONSOLE_KEEP: usize = 1 << 20;
+
+/// Boots the image once. `Err` means the test could not be run (qemu or firmware
+/// missing); a boot that fails is an `Ok` with `passed: false`.
+pub async fn boot(options: &BootOptions, cancel: &CancellationToken) -> Result<BootResult> {
+    let (accel, _) = Accel::choose(options.arch);
+    let result = boot_with(options, accel, cancel).await?;
+    // KVM that cannot even start the firmware is a host problem: say so once, use TCG.
+    if accel == Accel::Kvm && !result.passed && result.console_tail.trim().is_empty() && result.seconds < 10.0 {
+        tracing::warn!("KVM did not start the test VM; using TCG");
+        Accel::record_probe(false);
+        return boot_with(options, Accel::Tcg, cancel).await;
+    }
+    Ok(result)
+}
+
+async fn boot_with(options: &BootOptions, accel: Accel, cancel: &CancellationToken) -> Result<BootResult> {
+    let arch = options.arch;
+    let dir = tempfile::Builder::new().prefix("imgvm-test-").tempdir()?;
+    let token = format!(
+        "{:016x}",
+        std::collections::hash_map::RandomState::new().build_hasher().finish()
+    );
+    // The command prints the marker; the marker itself never appears in the command (or
+    // in the seed), so an echo of the command cannot pass for it.
+    let marker = format!("imgvm-boot-42-{token}");
+    let command = format!("echo imgvm-boot-$((6*7))-{token}");
+    let seed = dir.path().join("seed.img");
+    seed::write(&seed, &format!("imgvm-{token}"), &command)?;
+
+    let mut qemu = tokio::process::Command::new(arch.qemu_binary());
+    let (machine, cpu) = match arch {
+        Arch::Amd64 => ("q35", if accel == Accel::Kvm { "host" } else { "max" }),
+        Arch::Arm64 => ("virt", if accel == Accel::Kvm { "host" } else { "cortex-a72" }),
+        Arch::Ppc64el => ("pseries", if accel == Accel::Kvm { "host" } else { "power9" }),
+    };
+    qemu.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args(["-machine", machine, "-cpu", cpu, "-accel", accel.qemu_arg()])
+        .args(["-m", &options.memory_mib.to_string(), "-smp", &options.cpus.to_string()])
+        .args(firmware::qemu_args(arch, options.firmware, dir.path())?)
+        .args(["-serial", "stdio"]);
+    let mut image = std::ffi::OsString::from("file=");
+    image.push(crate::vm::escape_option(&options.image));
+    image.push(format!(
+        ",format={},if=none,id=image,snapshot=on",
+        crate::vm::disk_format(&options.image)?
+    ));
+    let mut seed_drive = std::ffi::OsString::from("file=");
+    seed_drive.push(crate::vm::escape_option(&seed));
+    seed_drive.push(",format=raw,if=none,id=seed,readonly=on");
+    qemu.arg("-drive")
+        .arg(image)
+        .args(["-device", "virtio-blk-pci,drive=image,bootindex=0"])
+        .arg("-drive")
+        .arg(seed_drive)
+        .args(["-device", "virtio-blk-pci,drive=seed"]);
+    // Entropy, so that early boot does not wait for it under emulation.
+    qemu.args(["-device", "virtio-rng-pci"]);
+    qemu.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    tracing::debug!("starting {:?}", qemu.as_std());
+    let started = Instant::now();
+    let mut child = qemu
+        .spawn()
+        .with_context(|| format!("cannot run {} (see `imgvm doctor`)", arch.qemu_binary()))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+
+    let mut console = String::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut login = Login::Waiting;
+    let deadline = tokio::time::sleep(options.timeout);
+    tokio::pin!(deadline);
+    let failure = loop {
+        tokio::select! {
+            n = stdout.read(&mut buf) => {
+                let n = n.unwrap_or(0);
+                if n == 0 {
+                    let status = child.wait().await?;
+                    let mut why = String::new();
+                    let _ = stderr.read_to_string(&mut why).await;
+                    break format!("the machine stopped ({status}) {}", why.trim()).trim().to_owned();
+                }
+                console.push_str(&String::from_utf8_lossy(&buf[..n]).replace('\r', ""));
+                if console.len() > CONSOLE_KEEP {
+                    let cut = console.len() - CONSOLE_KEEP / 2;
+                    let cut = (cut..console.len()).find(|&i| console.is_char_boundary(i)).unwrap_or(0);
+                    console.drain(..cut);
+                }
+                if console.contains(&marker) {
+                    let _ = child.kill().await;
+                    return Ok(BootResult {
+                        firmware: firmware::name(arch, options.firmware),
+                        passed: true,
+                        seconds: started.elapsed().as_secs_f64(),
+                        stage: Stage::reached(&console),
+                        message: "the marker appeared on the console".into(),
+                        console_tail: tail(&console, 20),
+                    });
+                }
+                let cloud_init = options.cloud_init.unwrap_or_else(|| console.contains("cloud-init["));
+                if let Some(keys) = login.next(&console, cloud_init, &command) {
+                    stdin.write_all(keys.as_bytes()).await?;
+                    stdin.flush().await?;
+                }
+            }
+            _ = &mut deadline => {
+                break format!("no marker within {} s", options.timeout.as_secs());
+            }
+            _ = cancel.cancelled() => {
+                let _ = child.kill().await;
+                anyhow::bail!("cancelled");
+            }
+        }
+    };
+    let _ = child.kill().await;
+    let stage = Stage::reached(&console);
+    Ok(BootResult {
+        firmware: firmware::name(arch, options.firmware),
+        passed: false,
+        seconds: started.elapsed().as_secs_f64(),
+        stage,
+        message: format!("boot stopped {}: {failure}", stage.describe()),
+        console_tail: tail(&console, 30),
+    })
+}
+
+/// Logging in on the serial console of an image without cloud-init (Debian's nocloud
+/// images let root in without a password there).
+#[derive(Debug, PartialEq)]
+enum Login {
+    Waiting,
+    SentUser,
+    SentCommand,
+}
+
+impl Login {
+    /// What to type next, given everything the console has shown.
+    fn next(&mut self, console: &str, cloud_init: bool, command: &str) -> Option<String> {
+        let last = console.trim_end_matches(' ').lines().last().unwrap_or("");
+        match self {
+            Login::Waiting if !cloud_init && last.ends_with(" login:") => {
+                *self = Login::SentUser;
+                Some("root\n".into())
+            }
+            Login::SentUser if last.ends_with("Password:") => Some("\n".into()),
+            Login::SentUser if last.ends_with('#') => {
+                *self = Login::SentCommand;
+                Some(format!("{command}\n"))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_in_only_without_cloud_init() {
+        let mut login = Login::Waiting;
+        let prompt = "Debian GNU/Linux 13 localhost ttyS0\n\nlocalhost login: ";
+        assert_eq!(login.next(prompt, true, "echo x"), None);
+        assert_eq!(login.next(prompt, false, "echo x").as_deref(), Some("root\n"));
+        assert_eq!(login.next(&format!("{prompt}root\n"), false, "echo x"), None);
+        let shell = format!("{prompt}root\nLinux localhost 6.12\nroot@localhost:~# ");
+        assert_eq!(login.next(&shell, false, "echo x").as_deref(), Some("echo x\n"));
+        assert_eq!(login.next(&shell, false, "echo x"), None);
+    }
+}

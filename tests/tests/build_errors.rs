@@ -1,0 +1,78 @@
+//! Builds that cannot succeed say why, in the words of the step that failed, and leave
+//! nothing behind but the failed build's log.
+
+use imgvm_e2e::{imgvm, workdir};
+use std::path::Path;
+
+/// Builds `recipe` (written into `dir`) and returns imgvm's stderr and the log it left.
+fn failed_build(dir: &Path, name: &str, recipe: &str) -> (String, String) {
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, recipe).unwrap();
+    let out = dir.join(format!("out-{name}"));
+    let output = imgvm(["build"])
+        .arg(&file)
+        .args(["--arch", "amd64", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "the build should fail:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let log_name = format!("{name}-amd64.build-failed.log");
+    assert_eq!(
+        left,
+        std::slice::from_ref(&log_name),
+        "only the log of the failed build may remain"
+    );
+    let log = std::fs::read_to_string(out.join(log_name)).unwrap();
+    (stderr, log)
+}
+
+const DISK: &str = "disk:
+  size: SIZE
+  table: none
+  partitions:
+    - {name: root, type: root, filesystem: ext4, mount: /}
+";
+
+#[test]
+fn a_missing_package_and_a_full_disk_are_named() {
+    let dir = workdir("build-errors");
+
+    let recipe = format!(
+        "name: missing\nsuite: trixie\n{}steps:\n  - apt: {{install: [imgvm-no-such-package]}}\n",
+        DISK.replace("SIZE", "1GiB")
+    );
+    let (stderr, log) = failed_build(&dir, "missing", &recipe);
+    let file = dir.join("missing.yaml");
+    let expected = format!(
+        "{}: step 2/3 (apt): package imgvm-no-such-package is not in the archive \
+         (apt: E: Unable to locate package imgvm-no-such-package)",
+        file.display()
+    );
+    assert!(stderr.contains(&expected), "expected {expected:?} in:\n{stderr}");
+    assert!(
+        log.contains("== step 1/3 (bootstrap): "),
+        "the log has the steps before:\n{log}"
+    );
+
+    let recipe = format!(
+        "name: full\nsuite: trixie\n{}steps:\n  - run: {{script: 'dd if=/dev/zero of=/filler bs=1M'}}\n",
+        DISK.replace("SIZE", "700MiB")
+    );
+    let (stderr, _) = failed_build(&dir, "full", &recipe);
+    let file = dir.join("full.yaml");
+    let expected = format!(
+        "{}: step 2/3 (run): the image is full: dd: error writing '/filler': No space left on device",
+        file.display()
+    );
+    assert!(stderr.contains(&expected), "expected {expected:?} in:\n{stderr}");
+    assert!(
+        stderr.contains("The disk is 700MiB: raise `disk.size` in the recipe."),
+        "{stderr}"
+    );
+}

@@ -128,6 +128,10 @@ struct BuildArgs {
     /// Debian suite of the helper VM (not the image's).
     #[arg(long, env = "IMGVM_SUITE")]
     helper_suite: Option<String>,
+    /// Then test the image: the recipe's offline checks, and a boot on each firmware of
+    /// its architecture. Results go to NAME.junit.xml and the manifest.
+    #[arg(long)]
+    test: bool,
 }
 
 #[derive(clap::Args)]
@@ -305,6 +309,7 @@ async fn build(args: BuildArgs) -> Result<u8> {
         boot_timeout: Duration::from_secs(180),
         helper_mirror: args.helper_mirror,
         helper_suite: args.helper_suite,
+        test: args.test,
     };
     let Some(report) = interruptible(|cancel| imgvm::build::build(options, cancel)).await? else {
         return Ok(130);
@@ -318,7 +323,28 @@ async fn build(args: BuildArgs) -> Result<u8> {
         println!("{}  ({:.1} MiB)", output.display(), size as f64 / (1 << 20) as f64);
     }
     tracing::info!("built in {:.0} s", report.seconds);
-    Ok(0)
+    let Some(tests) = &report.tests else { return Ok(0) };
+    for check in &tests.checks {
+        if check.passed {
+            println!("PASS  {}", check.name);
+        } else {
+            println!(
+                "FAIL  {}: expected {}, found {}",
+                check.name, check.expected, check.actual
+            );
+        }
+    }
+    for boot in &tests.boots {
+        if boot.passed {
+            println!("PASS  boot ({}): marker after {:.1} s", boot.firmware, boot.seconds);
+        } else {
+            println!(
+                "FAIL  boot ({}) after {:.1} s: {}",
+                boot.firmware, boot.seconds, boot.message
+            );
+        }
+    }
+    Ok(if tests.passed() { 0 } else { 1 })
 }
 
 async fn test(args: TestArgs) -> Result<u8> {

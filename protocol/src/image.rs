@@ -65,6 +65,9 @@ pub enum ImageOp {
     Clean,
     /// Every installed package (answered with [`crate::Outcome::Packages`]).
     ListPackages,
+    /// Offline checks of the finished tree (answered with [`crate::Outcome::Checks`], one
+    /// result per check; a failing check is a result, not an error).
+    Check(Vec<Check>),
     /// Unmounts the image (children first), trimming unused blocks first if asked.
     Unmount {
         trim: bool,
@@ -222,4 +225,48 @@ pub struct Package {
     pub name: String,
     pub version: String,
     pub architecture: String,
+}
+
+/// One expectation about the finished image, tested without booting it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Check {
+    File {
+        path: String,
+        expect: FileExpect,
+    },
+    /// Installed (fully configured), at `version` if given.
+    Package {
+        name: String,
+        version: Option<String>,
+    },
+    /// `systemctl is-enabled` says `enabled`.
+    ServiceEnabled {
+        name: String,
+    },
+    /// A shell script in the image's chroot exits 0.
+    Command {
+        script: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileExpect {
+    Exists,
+    Absent,
+    /// A regular file of size 0, or a directory without entries.
+    Empty,
+    /// Has this exact line.
+    ContainsLine(String),
+    /// Has a line matching this extended regular expression (grep -E).
+    Matches(String),
+    Mode(u32),
+    /// `user:group` by name, as the image's own passwd and group files say.
+    Owner(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub passed: bool,
+    pub expected: String,
+    pub actual: String,
 }

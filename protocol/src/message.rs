@@ -147,6 +147,7 @@ pub enum Outcome {
     /// An image operation completed.
     Done,
     Packages(Vec<crate::Package>),
+    Checks(Vec<crate::CheckResult>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,11 +19,12 @@ fn deb_counts(stderr: &str) -> (u64, u64) {
     imgvm_e2e::log_fields(stderr, "downloaded_debs", "cached_debs")
 }
 
-fn build(recipe: &Path, out: &Path) -> String {
+fn build(recipe: &Path, out: &Path, extra: &[&str]) -> String {
     let output = imgvm(["--log-format", "json", "build"])
         .arg(recipe)
         .args(["--arch", "amd64", "-o"])
         .arg(out)
+        .args(extra)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -38,7 +39,8 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
     let out = dir.join("out");
     std::fs::create_dir(&out).unwrap();
     give_to_user(&out);
-    let first = build(&recipe, &out);
+    // With the recipe's offline checks and a boot under SeaBIOS and under OVMF.
+    let first = build(&recipe, &out, &["--test"]);
     let name = "debian-13-genericcloud-amd64";
 
     // Everything is there, nothing else is, and the checksums hold.
@@ -47,7 +49,7 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     files.sort();
-    let expected = ["SHA256SUMS", "build.log", "manifest.json", "qcow2", "raw"];
+    let expected = ["SHA256SUMS", "build.log", "junit.xml", "manifest.json", "qcow2", "raw"];
     let mut wanted: Vec<String> = expected
         .iter()
         .map(|e| {
@@ -112,6 +114,22 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
         assert!(packages.contains(&wanted), "{wanted} missing from the manifest");
     }
 
+    // Every offline check passed and the image booted on both firmwares, as the manifest
+    // and the JUnit report say.
+    let tests = &manifest["tests"];
+    let checks = tests["checks"].as_array().unwrap();
+    assert!(checks.len() >= 15, "{tests}");
+    assert!(checks.iter().all(|c| c["passed"] == true), "{tests}");
+    let boots = tests["boots"].as_array().unwrap();
+    let firmwares: Vec<&str> = boots.iter().map(|b| b["firmware"].as_str().unwrap()).collect();
+    assert_eq!(firmwares, ["seabios", "ovmf"], "{tests}");
+    assert!(boots.iter().all(|b| b["passed"] == true), "{tests}");
+    let junit = std::fs::read_to_string(out.join(format!("{name}.junit.xml"))).unwrap();
+    assert!(
+        junit.contains(&format!("tests=\"{}\" failures=\"0\"", checks.len() + 2)),
+        "{junit}"
+    );
+
     // Inside the image.
     let script = "set -e
 mount -o ro /dev/vda1 /mnt
@@ -164,7 +182,7 @@ cat /mnt/etc/fstab";
     let again = dir.join("again");
     std::fs::create_dir(&again).unwrap();
     give_to_user(&again);
-    let second = build(&recipe, &again);
+    let second = build(&recipe, &again, &[]);
     let (downloaded, cached) = deb_counts(&second);
     assert_eq!(downloaded, 0, "the second build downloaded packages");
     assert!(cached > 100, "only {cached} packages came from the cache");

@@ -3,6 +3,7 @@
 //! with the image's own tools.
 
 mod bootloader;
+mod checks;
 mod debian;
 mod diagnose;
 mod disk;
@@ -32,6 +33,7 @@ pub fn execute(job: &Job, op: ImageOp) -> Result<Outcome, OperationError> {
         ImageOp::AptSources(sources) => done(debian::apt_sources(job, &sources)),
         ImageOp::Clean => done(debian::clean(job)),
         ImageOp::ListPackages => debian::list_packages(job).map(Outcome::Packages),
+        ImageOp::Check(list) => checks::run(job, &list).map(Outcome::Checks),
         ImageOp::WriteFile { path, mode, owner } => done(files::write_file(job, &path, mode, &owner)),
         ImageOp::Unpack { path, owner } => done(files::unpack(job, &path, &owner)),
         ImageOp::Script { script, env, chroot } => done(files::script(job, &script, &env, chroot)),
@@ -58,6 +60,7 @@ pub fn describe(op: &ImageOp) -> String {
         ImageOp::AptSources(s) => format!("apt sources {}", s.name),
         ImageOp::Clean => "clean the image".into(),
         ImageOp::ListPackages => "list installed packages".into(),
+        ImageOp::Check(_) => "offline checks".into(),
         ImageOp::WriteFile { path, .. } => format!("write {path}"),
         ImageOp::Unpack { path, .. } => format!("copy into {path}"),
         ImageOp::Script { chroot: true, .. } => "script in the image".into(),

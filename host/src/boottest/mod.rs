@@ -123,6 +123,15 @@ async fn boot_with(options: &BootOptions, accel: Accel, cancel: &CancellationTok
         .args(["-m", &options.memory_mib.to_string(), "-smp", &options.cpus.to_string()])
         .args(firmware::qemu_args(arch, options.firmware, dir.path())?)
         .args(["-serial", "stdio"]);
+    // SeaBIOS says nothing on the serial port, but tells its debug port why it gave up.
+    let firmware_log = dir.path().join("firmware.log");
+    if arch == Arch::Amd64 {
+        let mut chardev = std::ffi::OsString::from("file,id=firmware,path=");
+        chardev.push(crate::vm::escape_option(&firmware_log));
+        qemu.arg("-chardev")
+            .arg(chardev)
+            .args(["-device", "isa-debugcon,iobase=0x402,chardev=firmware"]);
+    }
     let mut image = std::ffi::OsString::from("file=");
     image.push(crate::vm::escape_option(&options.image));
     image.push(format!(
@@ -158,8 +167,16 @@ async fn boot_with(options: &BootOptions, accel: Accel, cancel: &CancellationTok
     let mut login = Login::Waiting;
     let deadline = tokio::time::sleep(options.timeout);
     tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let failure = loop {
         tokio::select! {
+            _ = tick.tick() => {
+                let firmware_said = std::fs::read(&firmware_log).unwrap_or_default();
+                let text = format!("{}\n{console}", String::from_utf8_lossy(&firmware_said));
+                if let Some(end) = stage::dead_end(&text) {
+                    break format!("`{end}`");
+                }
+            }
             n = stdout.read(&mut buf) => {
                 let n = n.unwrap_or(0);
                 if n == 0 {
@@ -202,13 +219,18 @@ async fn boot_with(options: &BootOptions, accel: Accel, cancel: &CancellationTok
     };
     let _ = child.kill().await;
     let stage = Stage::reached(&console);
+    let mut console_tail = tail(&console, 30);
+    if stage == Stage::Firmware {
+        let firmware_said = std::fs::read(&firmware_log).unwrap_or_default();
+        console_tail = format!("{}\n{console_tail}", tail(&String::from_utf8_lossy(&firmware_said), 10));
+    }
     Ok(BootResult {
         firmware: firmware::name(arch, options.firmware),
         passed: false,
         seconds: started.elapsed().as_secs_f64(),
         stage,
         message: format!("boot stopped {}: {failure}", stage.describe()),
-        console_tail: tail(&console, 30),
+        console_tail: console_tail.trim().to_owned(),
     })
 }
 

@@ -27,6 +27,8 @@ pub struct BuildOptions {
     /// Where the helper VM's appliance comes from (default: its definition's).
     pub helper_mirror: Option<String>,
     pub helper_suite: Option<String>,
+    /// Run the recipe's offline checks and boot the image on each of its firmwares.
+    pub test: bool,
 }
 
 /// Wall time of one phase of the build, for the log, the manifest and `bench build`.
@@ -40,6 +42,36 @@ pub struct Report {
     pub outputs: Vec<PathBuf>,
     pub timings: Vec<Timing>,
     pub seconds: f64,
+    pub tests: Option<TestReport>,
+}
+
+/// What the helper VM found out about the finished image.
+#[derive(Default)]
+struct Findings {
+    packages: Vec<outputs::Package>,
+    checks: Vec<CheckOutcome>,
+}
+
+/// One offline check's result, as reports show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckOutcome {
+    pub name: String,
+    pub passed: bool,
+    pub expected: String,
+    pub actual: String,
+}
+
+/// The results of `--test`: offline checks, then a boot per firmware.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TestReport {
+    pub checks: Vec<CheckOutcome>,
+    pub boots: Vec<crate::boottest::BootResult>,
+}
+
+impl TestReport {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed) && self.boots.iter().all(|b| b.passed)
+    }
 }
 
 /// The build log: every line of every step, with step boundaries and times.
@@ -80,7 +112,7 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
     ));
 
     let result = run_steps(&options, &disk, staging.path(), &mut log, &cancel).await;
-    let (timings, packages) = match result {
+    let (timings, findings) = match result {
         Ok(done) => done,
         Err(e) => {
             log.line(&format!("FAILED: {e:#}"));
@@ -91,17 +123,32 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
             return Err(e.context(format!("building {name} failed (log: {})", kept.display())));
         }
     };
-    let outputs = outputs::write(
+    let tests = if options.test {
+        let boots = boot_tests(&options, &disk, &findings, &mut log, &cancel).await?;
+        Some(TestReport {
+            checks: findings.checks,
+            boots,
+        })
+    } else {
+        None
+    };
+    let mut outputs = outputs::write(
         recipe,
         &name,
         staging.path(),
         &disk,
-        &packages,
+        &findings.packages,
         &timings,
+        tests.as_ref(),
         started,
         &mut log,
     )
     .await?;
+    if let Some(tests) = &tests {
+        let junit = staging.path().join(format!("{name}.junit.xml"));
+        std::fs::write(&junit, junit_report(&name, tests))?;
+        outputs.push(junit);
+    }
     log.line(&format!("done in {:.1} s", started.elapsed().as_secs_f64()));
     drop(log);
     let mut placed = Vec::new();
@@ -114,7 +161,65 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
         outputs: placed,
         timings,
         seconds: started.elapsed().as_secs_f64(),
+        tests,
     })
+}
+
+/// Boots the finished disk (attached as a snapshot, so it stays as built) on each
+/// firmware of its architecture.
+async fn boot_tests(
+    options: &BuildOptions,
+    disk: &Path,
+    findings: &Findings,
+    log: &mut Log,
+    cancel: &CancellationToken,
+) -> Result<Vec<crate::boottest::BootResult>> {
+    let arch = options.recipe.arch;
+    let mut results = Vec::new();
+    for firmware in crate::boottest::firmware::defaults(arch) {
+        let name = crate::boottest::firmware::name(arch, firmware);
+        let label = format!("boot test ({name})");
+        tracing::info!("{label}");
+        let spinner = crate::progress::spinner(label.clone());
+        let boot = crate::boottest::BootOptions {
+            image: disk.to_owned(),
+            arch,
+            firmware,
+            timeout: Duration::from_secs(900),
+            memory_mib: 1024,
+            cpus: options.cpus.unwrap_or_else(crate::helper::default_cpus),
+            cloud_init: Some(findings.packages.iter().any(|p| p.name == "cloud-init")),
+        };
+        let result = crate::boottest::boot(&boot, cancel).await;
+        spinner.finish_and_clear();
+        let result = result?;
+        let verdict = if result.passed { "PASS" } else { "FAIL" };
+        log.line(&format!(
+            "{verdict} {label} after {:.1} s: {}",
+            result.seconds, result.message
+        ));
+        if !result.passed {
+            log.line(&result.console_tail);
+        }
+        results.push(result);
+    }
+    Ok(results)
+}
+
+/// The test results as JUnit XML: one case per check and per boot.
+fn junit_report(name: &str, tests: &TestReport) -> String {
+    use crate::boottest::junit::{render, Case};
+    let checks = tests.checks.iter().map(|c| Case {
+        name: c.name.clone(),
+        seconds: 0.0,
+        failure: (!c.passed).then(|| (format!("expected {}, found {}", c.expected, c.actual), String::new())),
+    });
+    let boots = tests.boots.iter().map(|b| Case {
+        name: format!("boot ({})", b.firmware),
+        seconds: b.seconds,
+        failure: (!b.passed).then(|| (b.message.clone(), b.console_tail.clone())),
+    });
+    render(name, &checks.chain(boots).collect::<Vec<_>>())
 }
 
 /// Boots the helper with the disk, runs every step, returns the step timings and the
@@ -125,7 +230,7 @@ async fn run_steps(
     staging: &Path,
     log: &mut Log,
     cancel: &CancellationToken,
-) -> Result<(Vec<Timing>, Vec<outputs::Package>)> {
+) -> Result<(Vec<Timing>, Findings)> {
     let recipe = &options.recipe;
     let mut timings = Vec::new();
     let boot_started = Instant::now();
@@ -150,10 +255,10 @@ async fn run_steps(
         seconds: boot_started.elapsed().as_secs_f64(),
     });
 
-    let mut packages = Vec::new();
+    let mut findings = Findings::default();
     let work = async {
-        for phase in plan::plan(recipe) {
-            timings.push(run_phase(&helper, recipe, phase, staging, &mut packages, log, cancel).await?);
+        for phase in plan::plan(recipe, options.test) {
+            timings.push(run_phase(&helper, recipe, phase, staging, &mut findings, log, cancel).await?);
         }
         Ok::<_, anyhow::Error>(())
     };
@@ -170,7 +275,7 @@ async fn run_steps(
     let shutdown = helper.shutdown().await;
     result?;
     shutdown?;
-    Ok((timings, packages))
+    Ok((timings, findings))
 }
 
 async fn run_phase(
@@ -178,7 +283,7 @@ async fn run_phase(
     recipe: &Recipe,
     phase: Phase,
     staging: &Path,
-    packages: &mut Vec<outputs::Package>,
+    findings: &mut Findings,
     log: &mut Log,
     cancel: &CancellationToken,
 ) -> Result<Timing> {
@@ -203,7 +308,7 @@ async fn run_phase(
     };
     let result = async {
         for action in phase.actions {
-            run_action(helper, action, staging, packages, log, cancel).await?;
+            run_action(helper, action, staging, findings, log, cancel).await?;
         }
         Ok::<_, anyhow::Error>(())
     }
@@ -234,7 +339,7 @@ async fn run_action(
     helper: &Helper,
     action: Action,
     staging: &Path,
-    packages: &mut Vec<outputs::Package>,
+    findings: &mut Findings,
     log: &mut Log,
     cancel: &CancellationToken,
 ) -> Result<()> {
@@ -258,7 +363,7 @@ async fn run_action(
         }
         Action::ListPackages => {
             if let Outcome::Packages(list) = request(helper, ImageOp::ListPackages, None, log, cancel).await? {
-                *packages = list
+                findings.packages = list
                     .into_iter()
                     .map(|p| outputs::Package {
                         name: p.name,
@@ -266,6 +371,25 @@ async fn run_action(
                         architecture: p.architecture,
                     })
                     .collect();
+            }
+            return Ok(());
+        }
+        Action::Checks(checks) => {
+            let (names, checks): (Vec<String>, Vec<_>) = checks.into_iter().unzip();
+            if let Outcome::Checks(results) = request(helper, ImageOp::Check(checks), None, log, cancel).await? {
+                for (name, r) in names.into_iter().zip(results) {
+                    let verdict = if r.passed { "PASS" } else { "FAIL" };
+                    log.line(&format!(
+                        "{verdict} {name}: expected {}, found {}",
+                        r.expected, r.actual
+                    ));
+                    findings.checks.push(CheckOutcome {
+                        name,
+                        passed: r.passed,
+                        expected: r.expected,
+                        actual: r.actual,
+                    });
+                }
             }
             return Ok(());
         }

@@ -30,6 +30,9 @@ struct Manifest<'a> {
     outputs: Vec<OutputInfo>,
     steps: &'a [Timing],
     packages: &'a [Package],
+    /// With `--test`: every offline check and boot, passed or not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tests: Option<&'a super::TestReport>,
 }
 
 #[derive(serde::Serialize)]
@@ -56,6 +59,7 @@ pub async fn write(
     disk: &Path,
     packages: &[Package],
     timings: &[Timing],
+    tests: Option<&super::TestReport>,
     started: Instant,
     log: &mut Log,
 ) -> Result<Vec<PathBuf>> {
@@ -161,6 +165,7 @@ pub async fn write(
         outputs: infos,
         steps: timings,
         packages,
+        tests,
     };
     let manifest_path = staging.join(format!("{name}.manifest.json"));
     std::fs::write(&manifest_path, serde_json::to_vec_pretty(&manifest)?)?;
@@ -278,6 +283,7 @@ mod tests {
             &disk,
             &packages,
             &[],
+            None,
             Instant::now(),
             &mut log,
         )

@@ -21,11 +21,14 @@ pub enum Action {
     Stream(ImageOp, PathBuf),
     /// Record the installed packages for the manifest.
     ListPackages,
+    /// Run the offline checks (named for reports) on the finished tree.
+    Checks(Vec<(String, proto::Check)>),
     /// Copy the finished tree out as the rootfs tarball.
     RootfsTarball,
 }
 
-pub fn plan(recipe: &Recipe) -> Vec<Phase> {
+/// With `test`, the recipe's offline checks run on the finished tree.
+pub fn plan(recipe: &Recipe, test: bool) -> Vec<Phase> {
     let mut phases = vec![Phase {
         label: "partition and format".into(),
         actions: prepare_disk(recipe),
@@ -34,7 +37,7 @@ pub fn plan(recipe: &Recipe) -> Vec<Phase> {
     for (i, step) in recipe.steps.iter().enumerate() {
         phases.push(Phase {
             label: format!("step {}/{count} ({})", i + 1, step.kind()),
-            actions: step_actions(recipe, step),
+            actions: step_actions(recipe, step, test),
         });
     }
     phases
@@ -95,7 +98,7 @@ fn prepare_disk(recipe: &Recipe) -> Vec<Action> {
     actions
 }
 
-fn step_actions(recipe: &Recipe, step: &Step) -> Vec<Action> {
+fn step_actions(recipe: &Recipe, step: &Step, test: bool) -> Vec<Action> {
     let op = |op| vec![Action::Op(op)];
     match step {
         Step::Bootstrap(b) => {
@@ -208,6 +211,9 @@ fn step_actions(recipe: &Recipe, step: &Step) -> Vec<Action> {
         Step::Bootloader(boot) => op(ImageOp::Bootloader(bootloader(recipe, boot))),
         Step::Finalize(finalize) => {
             let mut actions = vec![Action::Op(ImageOp::Clean), Action::ListPackages];
+            if test && !recipe.tests.is_empty() {
+                actions.push(Action::Checks(checks(recipe)));
+            }
             // Taken before unmounting, so it holds the whole tree.
             if recipe.outputs.contains(&recipe::OutputFormat::Rootfs) {
                 actions.push(Action::RootfsTarball);
@@ -296,4 +302,72 @@ fn bootloader(recipe: &Recipe, boot: &recipe::Bootloader) -> proto::Bootloader {
         root_by_partuuid: recipe.table != TableKind::None,
         timeout: boot.timeout,
     }
+}
+
+/// The recipe's `tests:` as the agent's checks, each with the name reports give it. A
+/// file with several expectations becomes one check per expectation.
+pub fn checks(recipe: &Recipe) -> Vec<(String, proto::Check)> {
+    let mut out = Vec::new();
+    for test in &recipe.tests {
+        match test {
+            recipe::Test::File(f) => {
+                let mut expects = Vec::new();
+                if f.absent {
+                    expects.push(proto::FileExpect::Absent);
+                }
+                if f.empty {
+                    expects.push(proto::FileExpect::Empty);
+                }
+                if let Some(line) = &f.contains {
+                    expects.push(proto::FileExpect::ContainsLine(line.clone()));
+                }
+                if let Some(pattern) = &f.matches {
+                    expects.push(proto::FileExpect::Matches(pattern.clone()));
+                }
+                if let Some(mode) = f.mode {
+                    expects.push(proto::FileExpect::Mode(mode.0));
+                }
+                if let Some(owner) = &f.owner {
+                    expects.push(proto::FileExpect::Owner(owner.clone()));
+                }
+                if expects.is_empty() {
+                    expects.push(proto::FileExpect::Exists);
+                }
+                for expect in expects {
+                    let what = match &expect {
+                        proto::FileExpect::Exists => "exists".to_owned(),
+                        proto::FileExpect::Absent => "absent".to_owned(),
+                        proto::FileExpect::Empty => "empty".to_owned(),
+                        proto::FileExpect::ContainsLine(_) => "contains".to_owned(),
+                        proto::FileExpect::Matches(_) => "matches".to_owned(),
+                        proto::FileExpect::Mode(_) => "mode".to_owned(),
+                        proto::FileExpect::Owner(_) => "owner".to_owned(),
+                    };
+                    out.push((
+                        format!("file {} {what}", f.path),
+                        proto::Check::File {
+                            path: f.path.clone(),
+                            expect,
+                        },
+                    ));
+                }
+            }
+            recipe::Test::Package(p) => out.push((
+                format!("package {}", p.name),
+                proto::Check::Package {
+                    name: p.name.clone(),
+                    version: p.version.clone(),
+                },
+            )),
+            recipe::Test::Service(name) => out.push((
+                format!("service {name} enabled"),
+                proto::Check::ServiceEnabled { name: name.clone() },
+            )),
+            recipe::Test::Command(c) => out.push((
+                format!("command: {}", c.name),
+                proto::Check::Command { script: c.run.clone() },
+            )),
+        }
+    }
+    out
 }

@@ -281,8 +281,7 @@ fn merge(into: &mut Body, from: Body) {
         mirror,
         snapshot,
         components,
-        outputs,
-        tests
+        outputs
     );
     if let Some(disk) = from.disk {
         let target = into.disk.get_or_insert_with(DiskBody::default);
@@ -301,6 +300,9 @@ fn merge(into: &mut Body, from: Body) {
     }
     if let Some(steps) = from.steps {
         into.steps.get_or_insert_with(Vec::new).extend(steps);
+    }
+    if let Some(tests) = from.tests {
+        into.tests.get_or_insert_with(Vec::new).extend(tests);
     }
     into.variables.extend(from.variables);
 }

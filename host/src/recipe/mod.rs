@@ -32,8 +32,7 @@ pub struct Recipe {
     /// Always starts with bootstrap and ends with finalize.
     pub steps: Vec<Step>,
     pub outputs: Vec<OutputFormat>,
-    #[serde(skip)]
-    pub tests: Vec<serde_yaml_ng::Value>,
+    pub tests: Vec<Test>,
     pub file: PathBuf,
     /// SHA256 over every file of the recipe, for the manifest.
     pub hash: String,

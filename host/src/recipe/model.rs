@@ -37,8 +37,10 @@ pub struct Body {
     #[serde(default, with = "serde_yaml_ng::with::singleton_map_recursive")]
     pub steps: Option<Vec<Step>>,
     pub outputs: Option<Vec<OutputFormat>>,
-    /// Offline checks of the built image (see `imgvm test`).
-    pub tests: Option<Vec<serde_yaml_ng::Value>>,
+    /// Offline checks of the built image (`imgvm build --test`). Lists from all files are
+    /// concatenated. Written `- file: {...}`.
+    #[serde(default, with = "serde_yaml_ng::with::singleton_map_recursive")]
+    pub tests: Option<Vec<Test>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -368,6 +370,53 @@ pub struct Finalize {
     /// Run fstrim on the filesystems so the image stays sparse.
     #[serde(default = "yes")]
     pub trim: bool,
+}
+
+/// An offline check of the built image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Test {
+    File(FileTest),
+    /// Installed and configured (at a version, if given).
+    Package(PackageTest),
+    /// A systemd unit that is enabled.
+    Service(String),
+    /// A script in the image's chroot that must exit 0.
+    Command(CommandTest),
+}
+
+/// Expectations about one path; with none given, that it exists.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTest {
+    pub path: String,
+    #[serde(default)]
+    pub absent: bool,
+    /// A file of size 0, or a directory without entries.
+    #[serde(default)]
+    pub empty: bool,
+    /// An exact line the file has.
+    pub contains: Option<String>,
+    /// An extended regular expression (grep -E) some line matches.
+    pub matches: Option<String>,
+    pub mode: Option<Mode>,
+    /// `user` or `user:group`.
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageTest {
+    pub name: String,
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandTest {
+    /// What the report calls the check.
+    pub name: String,
+    pub run: String,
 }
 
 /// An octal file mode (`0644`, `"0600"`).

@@ -241,6 +241,34 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
             _ => {}
         }
     }
+    for (i, test) in recipe.tests.iter().enumerate() {
+        let what = format!("test {}", i + 1);
+        match test {
+            Test::File(f) => {
+                if !inside_image(&f.path) {
+                    return fail(
+                        &f.path,
+                        format!("{what}: path `{}` is not an absolute path without `..`", f.path),
+                    );
+                }
+                let others =
+                    f.empty || f.contains.is_some() || f.matches.is_some() || f.mode.is_some() || f.owner.is_some();
+                if f.absent && others {
+                    return fail(
+                        &f.path,
+                        format!(
+                            "{what}: `{}` cannot be absent and have contents, a mode or an owner",
+                            f.path
+                        ),
+                    );
+                }
+            }
+            Test::Command(c) if c.name.trim().is_empty() => {
+                return fail("- command:", format!("{what}: a command check needs a `name`"));
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 

@@ -45,7 +45,10 @@ pub fn bootstrap(job: &Job, b: &Bootstrap) -> Result<(), OperationError> {
         argv.push(format!("--include={}", b.include.join(",")));
     }
     argv.extend([b.suite.clone(), TARGET.to_owned(), b.mirror.clone()]);
-    run(job, &Program::new(&argv))
+    run(job, &Program::new(&argv))?;
+    // mmdebstrap copies the helper's name; an image is nobody in particular until a
+    // hostname step or cloud-init names it.
+    write(job, "/etc/hostname", b"localhost\n", 0o644)
 }
 
 pub fn enter_chroot(job: &Job, source: &AptSource) -> Result<(), OperationError> {

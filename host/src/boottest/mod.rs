@@ -81,6 +81,10 @@ impl ImageInfo {
     }
 }
 
+/// A boot that prints nothing on its console for this long is stuck: firmware, grub and
+/// the kernel all write to the serial console within seconds, even under emulation.
+const SILENCE_LIMIT: Duration = Duration::from_secs(240);
+
 /// Console output kept for the report; older output is dropped.
 const CONSOLE_KEEP: usize = 1 << 20;
 
@@ -168,6 +172,7 @@ async fn boot_with(options: &BootOptions, accel: Accel, cancel: &CancellationTok
     let deadline = tokio::time::sleep(options.timeout);
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_output = Instant::now();
     let failure = loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -175,6 +180,9 @@ async fn boot_with(options: &BootOptions, accel: Accel, cancel: &CancellationTok
                 let text = format!("{}\n{console}", String::from_utf8_lossy(&firmware_said));
                 if let Some(end) = stage::dead_end(&text) {
                     break format!("`{end}`");
+                }
+                if last_output.elapsed() > SILENCE_LIMIT {
+                    break format!("nothing on the console for {} s", SILENCE_LIMIT.as_secs());
                 }
             }
             n = stdout.read(&mut buf) => {
@@ -185,6 +193,7 @@ async fn boot_with(options: &BootOptions, accel: Accel, cancel: &CancellationTok
                     let _ = stderr.read_to_string(&mut why).await;
                     break format!("the machine stopped ({status}) {}", why.trim()).trim().to_owned();
                 }
+                last_output = Instant::now();
                 console.push_str(&String::from_utf8_lossy(&buf[..n]).replace('\r', ""));
                 if console.len() > CONSOLE_KEEP {
                     let cut = console.len() - CONSOLE_KEEP / 2;

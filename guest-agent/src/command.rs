@@ -103,8 +103,10 @@ pub fn run(job: &Job, program: &Program, input: Input, capture: bool) -> Result<
         )
     });
     let mut stdin = child.stdin.take();
-    if let (Input::Bytes(bytes), Some(mut pipe)) = (input, stdin.take()) {
-        std::thread::spawn(move || pipe.write_all(&bytes));
+    if let Input::Bytes(bytes) = input {
+        if let Some(mut pipe) = stdin.take() {
+            std::thread::spawn(move || pipe.write_all(&bytes));
+        }
     }
     let tx = job.tx.clone();
     std::thread::spawn(move || {

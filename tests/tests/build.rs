@@ -144,6 +144,7 @@ echo ssh-host-keys=$(ls /mnt/etc/ssh/ | grep -c '^ssh_host_' || true)
 echo apt-lists=$(ls /mnt/var/lib/apt/lists | grep -vc '^lock$\\|^partial$' || true)
 echo policy-rc-d=$([ -e /mnt/usr/sbin/policy-rc.d ] && echo present || echo absent)
 cat /mnt/etc/default/locale
+cat /mnt/etc/kernel-img.conf
 chroot /mnt dpkg-query -W -f '${Package}=${db:Status-Status}\\n' cloud-init openssh-server linux-image-cloud-amd64
 cat /mnt/etc/fstab";
     let stdout = run_ok(imgvm(["run", "--disk"]).arg(&raw).args(["--", "sh", "-c", script]));
@@ -158,6 +159,7 @@ cat /mnt/etc/fstab";
         "apt-lists=0",
         "policy-rc-d=absent",
         "LANG=C.UTF-8",
+        "do_symlinks = no",
         "cloud-init=installed",
         "openssh-server=installed",
         "linux-image-cloud-amd64=installed",

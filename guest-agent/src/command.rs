@@ -61,27 +61,11 @@ impl Program {
 /// Runs `program` to its end. Its stdout goes to the host as events, or with `capture` is
 /// returned instead. A failure carries the exit status and the tail of stderr.
 pub fn run(job: &Job, program: &Program, input: Input, capture: bool) -> Result<Vec<u8>, OperationError> {
-    let Some((name, args)) = program.argv.split_first() else {
-        return Err(job.error(ErrorKind::InvalidRequest, "empty command".into()));
+    let stdin = match input {
+        Input::Null => Stdio::null(),
+        _ => Stdio::piped(),
     };
-    let mut cmd = std::process::Command::new(name);
-    cmd.args(args)
-        .envs(program.env.iter().map(|(k, v)| (k, v)))
-        .stdin(match input {
-            Input::Null => Stdio::null(),
-            _ => Stdio::piped(),
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    if let Some(cwd) = &program.cwd {
-        cmd.current_dir(cwd);
-    }
-    let mut child = cmd.spawn().map_err(|e| {
-        let mut error = job.io_error(&e);
-        error.message = format!("cannot start {name}: {e}");
-        error
-    })?;
+    let mut child = spawn(job, program, stdin)?;
     let pid = child.id() as i32;
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     let captured = Arc::new(Mutex::new(Vec::new()));
@@ -160,6 +144,29 @@ pub fn run(job: &Job, program: &Program, input: Input, capture: bool) -> Result<
     error.message = format!("`{}` {how}", program.display());
     error.stderr_tail = tail.lock().unwrap().iter().cloned().collect();
     Err(error)
+}
+
+/// The one way the agent starts a program: in its own process group (so that
+/// cancellation reaches everything it started), with stdout and stderr piped.
+pub fn spawn(job: &Job, program: &Program, stdin: Stdio) -> Result<std::process::Child, OperationError> {
+    let Some((name, args)) = program.argv.split_first() else {
+        return Err(job.error(ErrorKind::InvalidRequest, "empty command".into()));
+    };
+    let mut cmd = std::process::Command::new(name);
+    cmd.args(args)
+        .envs(program.env.iter().map(|(k, v)| (k, v)))
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(cwd) = &program.cwd {
+        cmd.current_dir(cwd);
+    }
+    cmd.spawn().map_err(|e| {
+        let mut error = job.io_error(&e);
+        error.message = format!("cannot start {name}: {e}");
+        error
+    })
 }
 
 /// SIGTERM to the whole process group, SIGKILL after a grace period.

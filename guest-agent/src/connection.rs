@@ -31,12 +31,14 @@ const MAX_WRITE_LEN: usize = 16 * 1024;
 pub struct Writer(Arc<(Mutex<Uplink>, Condvar)>);
 
 struct Uplink {
-    stream: VsockStream,
+    stream: Box<dyn Write + Send>,
     unacked: u64,
 }
 
 impl Writer {
-    fn new(stream: VsockStream) -> Self {
+    /// Over any byte sink: the vsock stream, or a buffer in tests.
+    pub fn new(stream: impl Write + Send + 'static) -> Self {
+        let stream = Box::new(stream);
         Writer(Arc::new((Mutex::new(Uplink { stream, unacked: 0 }), Condvar::new())))
     }
 
@@ -143,6 +145,7 @@ fn start(id: RequestId, operation: imgvm_protocol::Operation, routes: &Routes, w
         let job = Job {
             id,
             name: ops::describe(&operation),
+            root: imgvm_protocol::TARGET.to_owned(),
             tx,
             rx,
             writer: &writer,

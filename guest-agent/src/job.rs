@@ -19,6 +19,9 @@ pub struct Job<'a> {
     pub id: RequestId,
     /// How errors name the operation.
     pub name: String,
+    /// Where the image's root is mounted: [`imgvm_protocol::TARGET`], or a directory tree
+    /// in unit tests.
+    pub root: String,
     pub tx: Sender<Inbound>,
     pub rx: Receiver<Inbound>,
     pub writer: &'a Writer,
@@ -51,4 +54,21 @@ impl Job<'_> {
 
 pub fn cancelled() -> io::Error {
     io::Error::new(io::ErrorKind::Interrupted, "cancelled by the host")
+}
+
+/// A job for unit tests of operations that work on a directory tree: its messages go
+/// nowhere, and `root` stands in for the image.
+#[cfg(test)]
+pub fn with_test_job<T>(root: &std::path::Path, f: impl FnOnce(&Job) -> T) -> T {
+    let writer = Writer::new(std::io::sink());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let job = Job {
+        id: 1,
+        name: "test".into(),
+        root: root.to_str().expect("UTF-8 test path").to_owned(),
+        tx,
+        rx,
+        writer: &writer,
+    };
+    f(&job)
 }

@@ -5,7 +5,6 @@
 //! then syncs and powers the VM off. It never decides anything on its own: every action
 //! comes from a host request.
 
-mod blockdev;
 mod command;
 mod connection;
 mod image;

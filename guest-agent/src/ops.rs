@@ -5,12 +5,11 @@ use crate::command::{self, Input, Program};
 use crate::job::{cancelled, Inbound, Job};
 use crate::reaper;
 use imgvm_protocol::{
-    ErrorKind, Event, GuestMessage, Operation, OperationError, Outcome, RequestId, Transfer, CHUNK_LEN,
-    STDERR_TAIL_LINES, STREAM_WINDOW,
+    ErrorKind, GuestMessage, Operation, OperationError, Outcome, RequestId, Transfer, CHUNK_LEN, STDERR_TAIL_LINES,
+    STREAM_WINDOW,
 };
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::mpsc::Receiver;
 
@@ -46,10 +45,7 @@ pub fn execute(job: &Job, operation: Operation) -> Result<Outcome, OperationErro
             path,
             format: Transfer::File,
         } => {
-            let mut file = std::fs::File::open(&path).map_err(fail)?;
-            let total = file.seek(SeekFrom::End(0)).and_then(|n| file.rewind().map(|_| n));
-            let total = total.map_err(fail)?;
-            job.writer.send(&progress(job.id, 0, Some(total))).map_err(fail)?;
+            let file = std::fs::File::open(&path).map_err(fail)?;
             send_stream(job.id, file, &job.rx, job.writer)
                 .map(|bytes| Outcome::Transferred { bytes })
                 .map_err(fail)
@@ -58,8 +54,7 @@ pub fn execute(job: &Job, operation: Operation) -> Result<Outcome, OperationErro
             path,
             format: Transfer::Tar,
         } => download_tar(job, &path),
-        Operation::ListBlockDevices => crate::blockdev::list().map(Outcome::BlockDevices).map_err(fail),
-        Operation::Image(op) => crate::image::execute(job, op),
+        Operation::Image(op) => crate::image::execute(job, op).map(Outcome::Image),
     }
 }
 
@@ -79,15 +74,7 @@ pub fn describe(operation: &Operation) -> String {
         Operation::Run(c) => format!("run {}", c.argv.join(" ")),
         Operation::Upload { path, .. } => format!("upload to {path}"),
         Operation::Download { path, .. } => format!("download of {path}"),
-        Operation::ListBlockDevices => "list block devices".to_owned(),
-        Operation::Image(op) => crate::image::describe(op),
-    }
-}
-
-fn progress(id: RequestId, done: u64, total: Option<u64>) -> GuestMessage {
-    GuestMessage::Event {
-        id,
-        event: Event::Progress { done, total },
+        Operation::Image(op) => op.describe(),
     }
 }
 
@@ -173,14 +160,8 @@ fn send_stream(
 }
 
 fn download_tar(job: &Job, path: &str) -> Result<Outcome, OperationError> {
-    let mut child = std::process::Command::new("tar")
-        .args(["-c", "--numeric-owner", "-f", "-", "-C", path, "."])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| job.error(ErrorKind::Io, format!("cannot start tar: {e}")))?;
+    let tar = Program::new(&["tar", "-c", "--numeric-owner", "-f", "-", "-C", path, "."]);
+    let mut child = command::spawn(job, &tar, Stdio::null())?;
     let pid = child.id() as i32;
     let stderr = child.stderr.take().map(|mut s| {
         std::thread::spawn(move || {

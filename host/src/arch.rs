@@ -47,39 +47,12 @@ impl Arch {
         }
     }
 
-    /// Machine and CPU, chosen for boot speed under TCG (see the platform notes): q35
-    /// boots the Debian kernel where microvm hangs; cortex-a72 avoids the cost of
-    /// pointer authentication emulation; VOF instead of SLOF saves ten seconds.
-    pub fn machine_args(self, kvm: bool) -> Vec<String> {
-        let (machine, cpu) = match self {
-            Arch::Amd64 => ("q35", if kvm { "host" } else { "max" }),
-            Arch::Arm64 => ("virt", if kvm { "host" } else { "cortex-a72" }),
-            Arch::Ppc64el => ("pseries,x-vof=on", if kvm { "host" } else { "power9" }),
-        };
-        vec![
-            "-machine".into(),
-            format!("{machine},memory-backend=mem"),
-            "-cpu".into(),
-            cpu.into(),
-        ]
-    }
-
     /// The serial console device the kernel writes to.
     pub fn console(self) -> &'static str {
         match self {
             Arch::Amd64 => "ttyS0",
             Arch::Arm64 => "ttyAMA0",
             Arch::Ppc64el => "hvc0",
-        }
-    }
-
-    /// Rust target the agent is compiled for: static musl where Rust supports it, static
-    /// glibc on ppc64le where it does not.
-    pub fn agent_target(self) -> &'static str {
-        match self {
-            Arch::Amd64 => "x86_64-unknown-linux-musl",
-            Arch::Arm64 => "aarch64-unknown-linux-musl",
-            Arch::Ppc64el => "powerpc64le-unknown-linux-gnu",
         }
     }
 }

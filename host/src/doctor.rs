@@ -92,6 +92,18 @@ pub fn run() -> bool {
             &format!("install: apt-get install {}", files.package),
         ));
     }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    checks.push(Check {
+        ok: uid != 0,
+        required: false,
+        what: "unprivileged user".into(),
+        detail: if uid == 0 {
+            "running as root: imgvm needs no root, run it as yourself".into()
+        } else {
+            format!("uid {uid}")
+        },
+    });
     let cache = crate::cache::dir();
     let writable = std::fs::create_dir_all(&cache).is_ok() && tempfile::tempfile_in(&cache).is_ok();
     checks.push(Check {

@@ -105,7 +105,11 @@ impl Helper {
         match result {
             Ok(session) => {
                 let boot_time = started.elapsed();
-                tracing::info!("helper VM up in {:.1} s ({:?})", boot_time.as_secs_f64(), config.accel);
+                tracing::info!(
+                    "helper VM up in {:.1} s ({})",
+                    boot_time.as_secs_f64(),
+                    config.accel.name()
+                );
                 vm.serve_proxy(proxy.clone());
                 Ok(Helper {
                     vm,

@@ -132,6 +132,12 @@ struct BuildArgs {
     /// its architecture. Results go to NAME.junit.xml and the manifest.
     #[arg(long)]
     test: bool,
+    /// Print the plan (every operation the helper VM would carry out) and build nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// With --dry-run: the plan as JSON.
+    #[arg(long, requires = "dry_run")]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -219,21 +225,17 @@ async fn dispatch(command: Cmd) -> Result<u8> {
                     recipe.suite,
                     recipe.arch
                 );
-                println!("  disk: {} {:?}", recipe.disk_size, recipe.table);
+                println!("  disk: {} {}", recipe.disk_size, recipe.table.name());
                 for part in &recipe.partitions {
                     let size = part.size.map_or("rest".to_owned(), |s| s.to_string());
                     let mount = part.mount.as_deref().unwrap_or("-");
-                    println!(
-                        "    {:<10} {:<9} {:>8}  {mount}",
-                        part.name,
-                        format!("{:?}", part.kind),
-                        size
-                    );
+                    println!("    {:<10} {:<9} {:>8}  {mount}", part.name, part.kind.name(), size);
                 }
                 println!("  packages: {}", recipe.packages.len());
                 let steps: Vec<&str> = recipe.steps.iter().map(|s| s.kind()).collect();
                 println!("  steps: {}", steps.join(", "));
-                println!("  outputs: {:?}", recipe.outputs);
+                let outputs: Vec<&str> = recipe.outputs.iter().map(|o| o.name()).collect();
+                println!("  outputs: {}", outputs.join(", "));
             }
             Ok(0)
         }
@@ -301,6 +303,15 @@ async fn build(args: BuildArgs) -> Result<u8> {
         }
     };
     let recipe = imgvm::recipe::Recipe::load(&path, args.arch)?;
+    if args.dry_run {
+        let plan = imgvm::plan::plan(&recipe, args.test);
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            print!("{}", plan.text());
+        }
+        return Ok(0);
+    }
     let options = imgvm::build::BuildOptions {
         recipe,
         output: args.output,
@@ -324,31 +335,14 @@ async fn build(args: BuildArgs) -> Result<u8> {
     }
     tracing::info!("built in {:.0} s", report.seconds);
     let Some(tests) = &report.tests else { return Ok(0) };
-    for check in &tests.checks {
-        if check.passed {
-            println!("PASS  {}", check.name);
-        } else {
-            println!(
-                "FAIL  {}: expected {}, found {}",
-                check.name, check.expected, check.actual
-            );
-        }
-    }
-    for boot in &tests.boots {
-        if boot.passed {
-            println!("PASS  boot ({}): marker after {:.1} s", boot.firmware, boot.seconds);
-        } else {
-            println!(
-                "FAIL  boot ({}) after {:.1} s: {}",
-                boot.firmware, boot.seconds, boot.message
-            );
-        }
+    for case in tests.cases() {
+        println!("{}", case.line());
     }
     Ok(if tests.passed() { 0 } else { 1 })
 }
 
 async fn test(args: TestArgs) -> Result<u8> {
-    use imgvm::boottest::{self, junit, BootOptions, ImageInfo};
+    use imgvm::boottest::{self, BootOptions, ImageInfo};
     if !args.image.is_file() {
         anyhow::bail!("{}: no such image", args.image.display());
     }
@@ -374,24 +368,19 @@ async fn test(args: TestArgs) -> Result<u8> {
         let Some(result) = interruptible(|cancel| async move { boottest::boot(&options, &cancel).await }).await? else {
             return Ok(130);
         };
-        if result.passed {
-            println!("PASS  boot ({name}): marker after {:.1} s", result.seconds);
-        } else {
+        let case = result.case();
+        println!("{}", case.line());
+        if !case.passed {
             failed = true;
-            println!("FAIL  boot ({name}) after {:.1} s: {}", result.seconds, result.message);
             println!("      last lines of the console:");
-            for line in result.console_tail.lines() {
+            for line in case.details.lines() {
                 println!("      | {line}");
             }
         }
-        cases.push(junit::Case {
-            name: format!("boot ({name})"),
-            seconds: result.seconds,
-            failure: (!result.passed).then(|| (result.message.clone(), result.console_tail.clone())),
-        });
+        cases.push(case);
     }
     if let Some(path) = &args.junit {
-        write_atomically(path, junit::render(&info.name, &cases).as_bytes())?;
+        write_atomically(path, imgvm::report::junit(&info.name, &cases).as_bytes())?;
     }
     Ok(if failed { 1 } else { 0 })
 }
@@ -475,6 +464,11 @@ fn init_logging(verbose: u8, format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_target(false).without_time().init(),
+        // Colours only for a person at a terminal; logs and CI get plain lines.
+        LogFormat::Text => builder
+            .with_target(false)
+            .without_time()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
     }
 }

@@ -78,7 +78,6 @@ async fn work(helper: &Helper, request: &RunRequest, cancel: &CancellationToken)
                     let mut err = std::io::stderr().lock();
                     let _ = err.write_all(&line).and_then(|_| err.write_all(b"\n"));
                 }
-                Event::Progress { .. } => {}
             },
             cancel,
         )

@@ -6,8 +6,9 @@
 //! an error rather than a guess.
 
 use imgvm_protocol::{
-    decode, encode, payload_len, Command, Event, GuestMessage, Handshake, HostMessage, Operation, OperationError,
-    Outcome, RequestId, Transfer, ACK_THRESHOLD, CHUNK_LEN, FRAME_HEADER_LEN, PROTOCOL_VERSION, STREAM_WINDOW,
+    decode, encode, payload_len, Command, Event, GuestMessage, Handshake, HostMessage, ImageOp, ImageOperation,
+    ImageReply, Operation, OperationError, Outcome, RequestId, Transfer, ACK_THRESHOLD, CHUNK_LEN, FRAME_HEADER_LEN,
+    PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -218,6 +219,41 @@ impl Session {
         match input {
             Some(input) => request.feed(input, &mut on_event, cancel).await,
             None => request.finish(&mut on_event, cancel).await,
+        }
+    }
+
+    /// Carries out one image operation and returns its own reply type: a reply that
+    /// belongs to another operation is a protocol error, never ignored.
+    pub async fn image<O: ImageOperation>(
+        &self,
+        op: O,
+        input: Option<Box<dyn AsyncRead + Send + Unpin + '_>>,
+        on_event: impl FnMut(Event),
+        cancel: &CancellationToken,
+    ) -> Result<Result<O::Reply, OperationError>, SessionError> {
+        match self.image_op(op.into(), input, on_event, cancel).await? {
+            Ok(reply) => O::reply(reply)
+                .map(Ok)
+                .map_err(|other| SessionError::Protocol(format!("{} answered as {}", O::NAME, other.name()))),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// [`Session::image`] for an operation whose type is only known at run time: the
+    /// reply is checked to be the operation's own.
+    pub async fn image_op(
+        &self,
+        op: ImageOp,
+        input: Option<Box<dyn AsyncRead + Send + Unpin + '_>>,
+        on_event: impl FnMut(Event),
+        cancel: &CancellationToken,
+    ) -> Result<Result<ImageReply, OperationError>, SessionError> {
+        let (tag, name) = (op.tag(), op.name());
+        match self.request(Operation::Image(op), input, on_event, cancel).await? {
+            Ok(Outcome::Image(reply)) if reply.tag() == tag => Ok(Ok(reply)),
+            Ok(Outcome::Image(reply)) => Err(SessionError::Protocol(format!("{name} answered as {}", reply.name()))),
+            Ok(other) => Err(SessionError::Protocol(format!("{name} answered with {other:?}"))),
+            Err(e) => Ok(Err(e)),
         }
     }
 

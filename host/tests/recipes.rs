@@ -342,3 +342,41 @@ fn variables_in_comments_are_left_alone() {
     );
     assert_eq!(recipe.unwrap().description.as_deref(), Some("a # b y"));
 }
+
+#[test]
+fn grub_settings_belong_to_the_bootloader_step() {
+    let recipe = format!(
+        "{BASE}steps:\n  - file:\n      path: /etc/default/grub.d/15_timeout.cfg\n      content: \"GRUB_TIMEOUT=5\\n\"\n"
+    );
+    assert_eq!(
+        error(&recipe, Arch::Amd64),
+        "DIR/r.yaml:10:13: step 2 (file): GRUB_TIMEOUT belongs to the bootloader step \
+         (`bootloader: {timeout: N, cmdline: ...}`), which would override this file"
+    );
+    // Settings the bootloader step does not own stay the recipe's.
+    let other = format!(
+        "{BASE}steps:\n  - file:\n      path: /etc/default/grub.d/50_probe.cfg\n      content: \"GRUB_DISABLE_OS_PROBER=true\\n\"\n"
+    );
+    load(&[("r.yaml", &other)], Arch::Amd64).1.unwrap();
+}
+
+#[test]
+fn debconf_answers_are_checked() {
+    let good = format!("{BASE}steps:\n  - debconf: [\"locales locales/default_environment_locale select C.UTF-8\"]\n");
+    let (_dir, recipe) = load(&[("r.yaml", &good)], Arch::Amd64);
+    let kinds: Vec<&str> = recipe.unwrap().steps.iter().map(|s| s.kind()).collect();
+    assert_eq!(kinds, ["bootstrap", "debconf", "finalize"]);
+    assert_eq!(
+        error(
+            &format!("{BASE}steps:\n  - debconf: [\"locales/default_environment_locale C.UTF-8\"]\n"),
+            Arch::Amd64
+        ),
+        "DIR/r.yaml:9:16: steps[0].debconf: invalid debconf answer `locales/default_environment_locale C.UTF-8`: \
+         expected one line `owner question type value`"
+    );
+    assert_eq!(
+        error(&format!("{BASE}steps:\n  - debconf: [\"locales locales/x chose C.UTF-8\"]\n"), Arch::Amd64),
+        "DIR/r.yaml:9:16: steps[0].debconf: invalid debconf answer `locales locales/x chose C.UTF-8`: `chose` is not a debconf type \
+         (string, password, boolean, select, multiselect, note, text, title, error)"
+    );
+}

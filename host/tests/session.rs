@@ -199,3 +199,55 @@ async fn replies_for_other_ids_are_ignored_and_the_right_one_is_returned() {
             .unwrap();
     assert_eq!(result.unwrap(), Ok(Outcome::Exited { code: 0 }));
 }
+
+/// The fake agent answers the first request with `outcome`.
+async fn answer_with(guest: &mut UnixStream, outcome: Outcome) {
+    let HostMessage::Request { id, .. } = read_host(guest).await else {
+        panic!("expected a request")
+    };
+    let done = GuestMessage::Done {
+        id,
+        result: Ok(outcome),
+    };
+    guest.write_all(&encode(&done).unwrap()).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_image_operation_gets_its_own_reply_type() {
+    use imgvm_protocol::{ImageReply, ListPackages, Package};
+    let (session, mut guest) = handshaken().await;
+    let packages = vec![Package {
+        name: "base-files".into(),
+        version: "13.8".into(),
+        architecture: "amd64".into(),
+    }];
+    let reply = Outcome::Image(ImageReply::ListPackages(packages.clone()));
+    let cancel = CancellationToken::new();
+    let (result, _) = tokio::join!(
+        session.image(ListPackages, None, |_| {}, &cancel),
+        answer_with(&mut guest, reply)
+    );
+    assert_eq!(result.unwrap(), Ok(packages));
+}
+
+#[tokio::test]
+async fn a_reply_of_another_operation_is_a_protocol_error() {
+    use imgvm_protocol::{ImageReply, RunChecks};
+    for wrong in [
+        // What --test would have taken for "no checks failed".
+        Outcome::Image(ImageReply::ListPackages(Vec::new())),
+        Outcome::Exited { code: 0 },
+    ] {
+        let (session, mut guest) = handshaken().await;
+        let cancel = CancellationToken::new();
+        let (result, _) = tokio::join!(
+            session.image(RunChecks(Vec::new()), None, |_| {}, &cancel),
+            answer_with(&mut guest, wrong)
+        );
+        let err = result.unwrap_err();
+        assert!(
+            matches!(&err, SessionError::Protocol(m) if m.starts_with("run-checks answered")),
+            "{err}"
+        );
+    }
+}

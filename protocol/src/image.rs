@@ -1,86 +1,227 @@
-//! Operations on the image being built.
+//! The arguments of the operations on the image being built (listed, with their
+//! replies, in [`crate::operations`]).
 //!
 //! The host plans them from a recipe and decides everything that depends on the recipe
 //! (devices, type GUIDs, grub targets, package names); the agent knows how each is done on
 //! a Debian tree and does it as root. The image's root is mounted at [`TARGET`] in the
 //! helper VM; paths inside operations are paths in the image unless a field says
 //! otherwise.
+//!
+//! Types that a recipe spells the same way (apt, services, users, sources) carry the
+//! recipe's serde defaults too, so the recipe uses them as they are.
 
 use serde::{Deserialize, Serialize};
 
 /// Where the image's root filesystem is mounted in the helper VM.
 pub const TARGET: &str = "/target";
 
+// The operations: wire tag (append-only, never reused), argument type (below), name,
+// reply type, and how logs and errors describe it. See `crate::operations`.
+image_operations! {
+    1 Partition "partition" -> (), |op| format!("partition {}", op.disk);
+    2 Mkfs "mkfs" -> (), |op| format!("mkfs {} on {}", op.filesystem.name(), op.device);
+    3 Mount "mount" -> (), |op| format!("mount {} at {}", op.device, op.path);
+    4 Bootstrap "bootstrap" -> (), |op| format!("bootstrap {} {}", op.suite, op.arch);
+    5 EnterChroot "enter-chroot" -> (), |_op| "prepare the chroot".into();
+    6 Apt "apt" -> (), |op| format!("apt: install {:?}, remove {:?}, purge {:?}", op.install, op.remove, op.purge);
+    7 WriteFile "write-file" -> (), |op| format!("write {}", op.path);
+    8 Unpack "unpack" -> (), |op| format!("copy into {}", op.path);
+    9 Script "script" -> (), |op| if op.chroot { "script in the image".into() } else { "script in the helper".into() };
+    10 Users "users" -> (), |op| format!("users {}", op.0.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(", "));
+    11 Hostname "hostname" -> (), |op| format!("hostname {}", op.0);
+    12 Locale "locale" -> (), |op| format!("locale {}", op.0);
+    13 Timezone "timezone" -> (), |op| format!("timezone {}", op.0);
+    14 AptSources "apt-sources" -> (), |op| format!("apt sources {}", op.name);
+    15 Services "services" -> (), |op| format!("services: enable {:?}, disable {:?}, mask {:?}", op.enable, op.disable, op.mask);
+    16 Fstab "fstab" -> (), |op| format!("fstab with {} entries", op.0.len());
+    17 Bootloader "bootloader" -> (), |op| format!("grub ({} installs), timeout {} s, `{}`", op.installs.len(), op.timeout, op.cmdline);
+    18 Clean "clean" -> (), |_op| "clean the image".into();
+    19 ListPackages "list-packages" -> Vec<Package>, |_op| "list installed packages".into();
+    20 RunChecks "run-checks" -> Vec<CheckResult>, |op| format!("{} offline checks", op.0.len());
+    21 Unmount "unmount" -> (), |_op| "unmount the image".into();
+    22 Debconf "debconf" -> (), |op| format!("{} debconf answers", op.0.len());
+}
+
+/// Writes a partition table on `disk` (or wipes its signatures when `table` is `None`)
+/// and waits for the partitions' device nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ImageOp {
-    /// Writes a partition table on `disk` (or wipes its signatures when `table` is
-    /// `None`) and waits for the partitions' device nodes.
-    Partition {
-        disk: String,
-        table: Option<Table>,
-        partitions: Vec<PartitionSpec>,
-    },
-    Mkfs(Mkfs),
-    /// Mounts `device` at `path` in the image (`/` first).
-    Mount {
-        device: String,
-        path: String,
-    },
-    /// mmdebstrap into the (empty) mounted root, through the guest's package proxy.
-    Bootstrap(Bootstrap),
-    /// Readies the tree for work in a chroot: pseudo filesystems, no service starts, and an
-    /// apt configuration for the build that uses only `source` through the proxy.
-    EnterChroot {
-        source: AptSource,
-    },
-    Apt(Apt),
-    /// The request's input stream becomes the file `path`.
-    WriteFile {
-        path: String,
-        mode: u32,
-        owner: String,
-    },
-    /// The request's input stream, a tar archive, is unpacked into the directory `path`.
-    Unpack {
-        path: String,
-        owner: String,
-    },
-    /// A shell script, in the image's chroot or in the helper itself (where `TARGET` in
-    /// its environment names the image's root).
-    Script {
-        script: String,
-        env: Vec<(String, String)>,
-        chroot: bool,
-    },
-    Users(Vec<User>),
-    Hostname(String),
-    Locale(String),
-    Timezone(String),
-    AptSources(AptSources),
-    Services(Services),
-    Fstab(Vec<FstabEntry>),
-    Bootloader(Bootloader),
-    /// What makes the image fresh at first boot: no build-time apt setup, caches, logs,
-    /// machine id or ssh host keys; and the chroot's pseudo filesystems unmounted.
-    Clean,
-    /// Every installed package (answered with [`crate::Outcome::Packages`]).
-    ListPackages,
-    /// Offline checks of the finished tree (answered with [`crate::Outcome::Checks`], one
-    /// result per check; a failing check is a result, not an error).
-    Check(Vec<Check>),
-    /// Unmounts the image (children first), trimming unused blocks first if asked.
-    Unmount {
-        trim: bool,
-    },
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Partition {
+    pub disk: String,
+    pub table: Option<Table>,
+    pub partitions: Vec<PartitionSpec>,
+}
+
+/// Mounts `device` at `path` in the image (`/` first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Mount {
+    pub device: String,
+    pub path: String,
+}
+
+/// Readies the tree for work in a chroot: pseudo filesystems, no service starts, and an
+/// apt configuration for the build that uses only `source` through the proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct EnterChroot {
+    pub source: AptSource,
+}
+
+/// The request's input stream becomes the file `path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct WriteFile {
+    pub path: String,
+    pub mode: u32,
+    pub owner: String,
+}
+
+/// The request's input stream, a tar archive, is unpacked into the directory `path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Unpack {
+    pub path: String,
+    pub owner: String,
+}
+
+/// A shell script, in the image's chroot or in the helper itself (where `TARGET` in its
+/// environment names the image's root).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Script {
+    pub script: String,
+    pub env: Vec<(String, String)>,
+    pub chroot: bool,
+}
+
+/// Accounts to create (password locked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Users(pub Vec<User>);
+
+/// `/etc/hostname` and the `127.0.1.1` line of `/etc/hosts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Hostname(pub String);
+
+/// The default locale (`LANG`), generated unless it is built in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Locale(pub String);
+
+/// A zone under /usr/share/zoneinfo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Timezone(pub String);
+
+/// `/etc/fstab`, written whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Fstab(pub Vec<FstabEntry>);
+
+/// What makes the image fresh at first boot: no build-time apt setup, caches, logs,
+/// machine id or ssh host keys; and the chroot's pseudo filesystems unmounted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Clean;
+
+/// Every installed package.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct ListPackages;
+
+/// Offline checks of the finished tree, answered with one result per check in the same
+/// order; a failing check is a result, not an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct RunChecks(pub Vec<Check>);
+
+/// Unmounts the image (children first), trimming unused blocks first if asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Unmount {
+    pub trim: bool,
+}
+
+/// Answers for debconf questions (`debconf-set-selections` in the image), so that
+/// packages installed later configure themselves with them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Debconf(pub Vec<DebconfAnswer>);
+
+/// One line of `debconf-set-selections` input: `owner question type value`, e.g.
+/// `locales locales/default_environment_locale select C.UTF-8`. Checked when read, on
+/// either side, so that a malformed line never reaches debconf.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct DebconfAnswer(String);
+
+/// Only well-formed answers: a malformed one cannot be made, so it cannot round-trip.
+#[cfg(feature = "arbitrary")]
+impl proptest::arbitrary::Arbitrary for DebconfAnswer {
+    type Parameters = ();
+    type Strategy = proptest::strategy::BoxedStrategy<Self>;
+    fn arbitrary_with(_: ()) -> Self::Strategy {
+        use proptest::strategy::Strategy;
+        "[a-z0-9-]{1,12} [a-z0-9/_-]{1,30} (string|boolean|select|multiselect|note) [ -~]{0,20}"
+            .prop_map(|line| DebconfAnswer::new(&line).expect("the pattern is a valid answer"))
+            .boxed()
+    }
+}
+
+/// The types debconf knows (debconf-devel(7)).
+const DEBCONF_TYPES: &[&str] = &[
+    "string",
+    "password",
+    "boolean",
+    "select",
+    "multiselect",
+    "note",
+    "text",
+    "title",
+    "error",
+];
+
+impl DebconfAnswer {
+    pub fn new(line: &str) -> Result<Self, String> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if line.contains('\n') || fields.len() < 3 {
+            return Err(format!(
+                "invalid debconf answer `{line}`: expected one line `owner question type value`"
+            ));
+        }
+        if !DEBCONF_TYPES.contains(&fields[2]) {
+            return Err(format!(
+                "invalid debconf answer `{line}`: `{}` is not a debconf type ({})",
+                fields[2],
+                DEBCONF_TYPES.join(", ")
+            ));
+        }
+        Ok(DebconfAnswer(line.trim().to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for DebconfAnswer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        DebconfAnswer::new(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "kebab-case")]
 pub enum Table {
     Gpt,
     Msdos,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct PartitionSpec {
     pub number: u32,
     /// `None` takes the rest of the disk.
@@ -94,6 +235,8 @@ pub struct PartitionSpec {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "lowercase")]
 pub enum Filesystem {
     Ext4,
     Xfs,
@@ -102,7 +245,21 @@ pub enum Filesystem {
     Swap,
 }
 
+impl Filesystem {
+    pub fn name(self) -> &'static str {
+        match self {
+            Filesystem::Ext4 => "ext4",
+            Filesystem::Xfs => "xfs",
+            Filesystem::Btrfs => "btrfs",
+            Filesystem::Vfat => "vfat",
+            Filesystem::Swap => "swap",
+        }
+    }
+}
+
+/// Makes a filesystem on a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct Mkfs {
     pub device: String,
     pub filesystem: Filesystem,
@@ -114,7 +271,9 @@ pub struct Mkfs {
     pub options: Vec<String>,
 }
 
+/// mmdebstrap into the (empty) mounted root, through the guest's package proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct Bootstrap {
     pub suite: String,
     /// mmdebstrap's variant: minbase, apt, required, important, standard.
@@ -125,18 +284,21 @@ pub struct Bootstrap {
     pub components: Vec<String>,
     pub include: Vec<String>,
     /// OpenPGP keyring that signs the mirror's Release file (binary, not armoured).
-    #[serde(with = "serde_bytes")]
-    pub keyring: Vec<u8>,
+    pub keyring: crate::Bytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct AptSource {
     pub mirror: String,
     pub suite: String,
     pub components: Vec<String>,
 }
 
+/// One apt run: removals and purges, then an upgrade if asked, then installs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(default, deny_unknown_fields)]
 pub struct Apt {
     pub install: Vec<String>,
     pub remove: Vec<String>,
@@ -146,16 +308,29 @@ pub struct Apt {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(deny_unknown_fields)]
 pub struct User {
     pub name: String,
+    #[serde(default)]
     pub groups: Vec<String>,
+    #[serde(default = "bash")]
     pub shell: String,
+    /// Authorized SSH keys. The password is always locked.
+    #[serde(default)]
     pub ssh_keys: Vec<String>,
     /// Passwordless sudo through a file in /etc/sudoers.d.
+    #[serde(default)]
     pub sudo: bool,
 }
 
+fn bash() -> String {
+    "/bin/bash".into()
+}
+
+/// A sources file in /etc/apt/sources.list.d.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct AptSources {
     /// File name in /etc/apt/sources.list.d, without extension.
     pub name: String,
@@ -164,7 +339,10 @@ pub struct AptSources {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(deny_unknown_fields)]
 pub struct SourceEntry {
+    #[serde(default = "deb")]
     pub types: Vec<String>,
     pub uris: Vec<String>,
     pub suites: Vec<String>,
@@ -172,21 +350,31 @@ pub struct SourceEntry {
     pub signed_by: Option<String>,
 }
 
+fn deb() -> Vec<String> {
+    vec!["deb".into()]
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(default, deny_unknown_fields)]
 pub struct Services {
     pub enable: Vec<String>,
     pub disable: Vec<String>,
     pub mask: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "lowercase")]
 pub enum FstabKey {
+    #[default]
     Uuid,
     Partuuid,
     Label,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct FstabEntry {
     /// The helper's device, whose key the agent reads with blkid.
     pub device: String,
@@ -198,7 +386,9 @@ pub struct FstabEntry {
     pub pass: u8,
 }
 
+/// GRUB, and its settings: the one owner of `/etc/default/grub.d/99_imgvm.cfg`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct Bootloader {
     /// One grub-install per entry, run with the image's own grub in its chroot.
     pub installs: Vec<GrubInstall>,
@@ -207,10 +397,13 @@ pub struct Bootloader {
     /// Whether the kernel finds its root by PARTUUID (Debian's choice) rather than by
     /// filesystem UUID (for disks without a partition table).
     pub root_by_partuuid: bool,
+    /// Seconds the menu waits.
     pub timeout: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "kebab-case")]
 pub enum GrubInstall {
     /// Into the MBR gap or BIOS boot partition of `disk` (`i386-pc`).
     Bios { disk: String },
@@ -221,6 +414,7 @@ pub enum GrubInstall {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct Package {
     pub name: String,
     pub version: String,
@@ -229,6 +423,8 @@ pub struct Package {
 
 /// One expectation about the finished image, tested without booting it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "kebab-case")]
 pub enum Check {
     File {
         path: String,
@@ -250,6 +446,8 @@ pub enum Check {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "kebab-case")]
 pub enum FileExpect {
     Exists,
     Absent,
@@ -265,6 +463,7 @@ pub enum FileExpect {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct CheckResult {
     pub passed: bool,
     pub expected: String,

@@ -7,6 +7,7 @@ pub type RequestId = u32;
 
 /// Host to guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub enum HostMessage {
     /// Answer to the guest's hello: the host accepts the agent and will send requests.
     Welcome {
@@ -46,6 +47,7 @@ pub enum HostMessage {
 
 /// Guest to host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub enum GuestMessage {
     Hello(Handshake),
     Event {
@@ -78,6 +80,7 @@ pub enum GuestMessage {
 
 /// What the agent says about itself before anything else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct Handshake {
     pub protocol_version: u32,
     pub agent_version: String,
@@ -88,6 +91,7 @@ pub struct Handshake {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub enum Operation {
     Run(Command),
     /// Write the request's input stream to `path` (a file, or with `Tar` a directory the
@@ -103,17 +107,18 @@ pub enum Operation {
         path: String,
         format: Transfer,
     },
-    ListBlockDevices,
     Image(crate::ImageOp),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub enum Transfer {
     File,
     Tar,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct Command {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -123,18 +128,16 @@ pub struct Command {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub enum Event {
     /// One line of output, without its newline. Lines over [`crate::MAX_LINE_LEN`] arrive
     /// in pieces.
     Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
-    Progress {
-        done: u64,
-        total: Option<u64>,
-    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub enum Outcome {
     /// The command exited with status 0..=255.
     Exited {
@@ -143,25 +146,13 @@ pub enum Outcome {
     Transferred {
         bytes: u64,
     },
-    BlockDevices(Vec<BlockDevice>),
-    /// An image operation completed.
-    Done,
-    Packages(Vec<crate::Package>),
-    Checks(Vec<crate::CheckResult>),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockDevice {
-    /// Kernel name, e.g. `vda`.
-    pub name: String,
-    pub size_bytes: u64,
-    pub read_only: bool,
-    /// The serial the host gave the disk, which is how it finds its disks again.
-    pub serial: Option<String>,
+    /// An image operation completed; the reply's variant is the request's.
+    Image(crate::ImageReply),
 }
 
 /// Why an operation failed, with what the host needs to tell the user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct OperationError {
     pub operation: String,
     pub kind: ErrorKind,
@@ -173,6 +164,7 @@ pub struct OperationError {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub enum ErrorKind {
     /// A command ran and exited non-zero or was killed.
     CommandFailed,

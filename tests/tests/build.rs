@@ -19,12 +19,13 @@ fn deb_counts(stderr: &str) -> (u64, u64) {
     imgvm_e2e::log_fields(stderr, "downloaded_debs", "cached_debs")
 }
 
-fn build(recipe: &Path, out: &Path, extra: &[&str]) -> String {
+fn build(recipe: &Path, out: &Path, cache: &Path, extra: &[&str]) -> String {
     let output = imgvm(["--log-format", "json", "build"])
         .arg(recipe)
         .args(["--arch", "amd64", "-o"])
         .arg(out)
         .args(extra)
+        .env("IMGVM_CACHE_DIR", cache)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -39,8 +40,12 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
     let out = dir.join("out");
     std::fs::create_dir(&out).unwrap();
     give_to_user(&out);
+    // A cache of its own, so that what the first build downloads is known: everything.
+    let cache = dir.join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    give_to_user(&cache);
     // With the recipe's offline checks and a boot under SeaBIOS and under OVMF.
-    let first = build(&recipe, &out, &["--test"]);
+    let first = build(&recipe, &out, &cache, &["--test"]);
     let name = "debian-13-genericcloud-amd64";
 
     // Everything is there, nothing else is, and the checksums hold.
@@ -145,6 +150,8 @@ echo apt-lists=$(ls /mnt/var/lib/apt/lists | grep -vc '^lock$\\|^partial$' || tr
 echo policy-rc-d=$([ -e /mnt/usr/sbin/policy-rc.d ] && echo present || echo absent)
 cat /mnt/etc/default/locale
 cat /mnt/etc/kernel-img.conf
+echo menu-timeout=$(grep -A2 'x$feature_timeout_style = xy' /mnt/boot/grub/grub.cfg | sed -n 's/^ *set timeout=//p')
+grep -A2 -x 'Name: grub2/force_efi_extra_removable' /mnt/var/cache/debconf/config.dat | grep -x 'Value: true' && echo removable-preseeded
 chroot /mnt dpkg-query -W -f '${Package}=${db:Status-Status}\\n' cloud-init openssh-server linux-image-cloud-amd64
 cat /mnt/etc/fstab";
     let stdout = run_ok(imgvm(["run", "--disk"]).arg(&raw).args(["--", "sh", "-c", script]));
@@ -160,6 +167,10 @@ cat /mnt/etc/fstab";
         "policy-rc-d=absent",
         "LANG=C.UTF-8",
         "do_symlinks = no",
+        // The bootloader step is the one owner of GRUB's settings: genericcloud's 0 s.
+        "menu-timeout=0",
+        // The debconf step's answer, in debconf's database.
+        "removable-preseeded",
         "cloud-init=installed",
         "openssh-server=installed",
         "linux-image-cloud-amd64=installed",
@@ -178,14 +189,52 @@ cat /mnt/etc/fstab";
         "{fstab:?}"
     );
 
-    // A second build of the same recipe gets every package from the cache.
-    let (downloaded, _) = deb_counts(&first);
-    assert!(downloaded > 0 || first.contains("from the cache"), "{first}");
+    // The first build, on an empty cache, downloaded every package; a second build of
+    // the same recipe gets every one of them from the cache.
+    let (downloaded, cached) = deb_counts(&first);
+    assert!(
+        downloaded > 100,
+        "the first build downloaded only {downloaded} packages"
+    );
+    assert_eq!(cached, 0, "the first build found packages in an empty cache");
     let again = dir.join("again");
     std::fs::create_dir(&again).unwrap();
     give_to_user(&again);
-    let second = build(&recipe, &again, &[]);
-    let (downloaded, cached) = deb_counts(&second);
-    assert_eq!(downloaded, 0, "the second build downloaded packages");
-    assert!(cached > 100, "only {cached} packages came from the cache");
+    let second = build(&recipe, &again, &cache, &[]);
+    let (again_downloaded, again_cached) = deb_counts(&second);
+    assert_eq!(again_downloaded, 0, "the second build downloaded packages");
+    assert_eq!(again_cached, downloaded, "the second build used other packages");
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_builds_nothing() {
+    let dir = workdir("dry-run");
+    let recipe = recipes(&dir).join("trixie-nocloud.yaml");
+    let out = dir.join("out");
+    let json = run_ok(
+        imgvm(["build", "--dry-run", "--json", "--arch", "arm64", "-o"])
+            .arg(&out)
+            .arg(&recipe),
+    );
+    let plan: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(plan["recipe"], "debian-13-nocloud");
+    assert_eq!(plan["arch"], "arm64");
+    let labels: Vec<&str> = plan["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels.first(), Some(&"partition and format"));
+    assert!(labels.last().unwrap().ends_with("(finalize)"), "{labels:?}");
+    // The plan is the golden one: the CLI prints what the library plans.
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../host/tests/golden/plans/trixie-nocloud-arm64.json");
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
+    assert_ne!(
+        plan, golden,
+        "the golden plan has the offline checks (--test), this one not"
+    );
+    let text = run_ok(imgvm(["build", "--dry-run", "--test", "--json", "--arch", "arm64"]).arg(&recipe));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), golden);
+    assert!(!out.exists(), "a dry run wrote {}", out.display());
 }

@@ -3,11 +3,15 @@
 use super::{chroot, target};
 use crate::command::{self, Input};
 use crate::job::Job;
-use imgvm_protocol::{Check, CheckResult, ErrorKind, FileExpect, OperationError};
+use imgvm_protocol::{Check, CheckResult, ErrorKind, FileExpect, Handle, OperationError, RunChecks};
 use std::os::unix::fs::MetadataExt;
 
-pub fn run(job: &Job, checks: &[Check]) -> Result<Vec<CheckResult>, OperationError> {
-    checks.iter().map(|check| one(job, check)).collect()
+impl Handle<RunChecks> for Job<'_> {
+    fn handle(&self, op: RunChecks) -> Result<Vec<CheckResult>, OperationError> {
+        let job = self;
+        let RunChecks(checks) = &op;
+        checks.iter().map(|check| one(job, check)).collect()
+    }
 }
 
 fn result(passed: bool, expected: impl Into<String>, actual: impl Into<String>) -> CheckResult {

@@ -4,7 +4,10 @@
 use super::{chroot, empty_dir, remove, run, target, write};
 use crate::command::{self, Input, Program};
 use crate::job::Job;
-use imgvm_protocol::{Apt, AptSource, AptSources, Bootstrap, ErrorKind, OperationError, Package, TARGET};
+use imgvm_protocol::{
+    Apt, AptSources, Bootstrap, Clean, Debconf, DebconfAnswer, EnterChroot, ErrorKind, Handle, ListPackages,
+    OperationError, Package, TARGET,
+};
 
 /// The guest end of the package proxy (see proxy.rs).
 const PROXY: &str = "http://127.0.0.1:3142";
@@ -25,84 +28,107 @@ const PSEUDO: [(&str, &[&str]); 5] = [
     ("/run", &["-t", "tmpfs", "tmpfs"]),
 ];
 
-pub fn bootstrap(job: &Job, b: &Bootstrap) -> Result<(), OperationError> {
-    let keyring = "/run/imgvm-keyring.gpg";
-    std::fs::write(keyring, &b.keyring).map_err(|e| job.io_error(&e))?;
-    let mut argv = vec![
-        "mmdebstrap".to_owned(),
-        "--mode=root".into(),
-        format!("--variant={}", b.variant),
-        format!("--arch={}", b.arch),
-        format!("--components={}", b.components.join(",")),
-        format!("--aptopt=Acquire::http::Proxy \"{PROXY}\""),
-        "--aptopt=APT::Install-Recommends \"false\"".into(),
-        "--dpkgopt=force-unsafe-io".into(),
-        // The lists are needed by the apt steps that follow; finalize removes them.
-        "--skip=cleanup/apt/lists".into(),
-        format!("--keyring={keyring}"),
-    ];
-    if !b.include.is_empty() {
-        argv.push(format!("--include={}", b.include.join(",")));
+impl Handle<Bootstrap> for Job<'_> {
+    fn handle(&self, op: Bootstrap) -> Result<(), OperationError> {
+        let job = self;
+        let b = &op;
+        let keyring = "/run/imgvm-keyring.gpg";
+        std::fs::write(keyring, &b.keyring.0).map_err(|e| job.io_error(&e))?;
+        let mut argv = vec![
+            "mmdebstrap".to_owned(),
+            "--mode=root".into(),
+            format!("--variant={}", b.variant),
+            format!("--arch={}", b.arch),
+            format!("--components={}", b.components.join(",")),
+            format!("--aptopt=Acquire::http::Proxy \"{PROXY}\""),
+            "--aptopt=APT::Install-Recommends \"false\"".into(),
+            "--dpkgopt=force-unsafe-io".into(),
+            // The lists are needed by the apt steps that follow; finalize removes them.
+            "--skip=cleanup/apt/lists".into(),
+            format!("--keyring={keyring}"),
+        ];
+        if !b.include.is_empty() {
+            argv.push(format!("--include={}", b.include.join(",")));
+        }
+        argv.extend([b.suite.clone(), TARGET.to_owned(), b.mirror.clone()]);
+        run(job, &Program::new(&argv))?;
+        // mmdebstrap copies the helper's name; an image is nobody in particular until a
+        // hostname step or cloud-init names it.
+        write(job, "/etc/hostname", b"localhost\n", 0o644)
     }
-    argv.extend([b.suite.clone(), TARGET.to_owned(), b.mirror.clone()]);
-    run(job, &Program::new(&argv))?;
-    // mmdebstrap copies the helper's name; an image is nobody in particular until a
-    // hostname step or cloud-init names it.
-    write(job, "/etc/hostname", b"localhost\n", 0o644)
 }
 
-pub fn enter_chroot(job: &Job, source: &AptSource) -> Result<(), OperationError> {
-    for (dir, args) in PSEUDO {
-        let mut argv = vec!["mount"];
-        argv.extend(args);
-        let point = target(job, dir)?;
-        std::fs::create_dir_all(&point).map_err(|e| job.io_error(&e))?;
-        argv.push(&point);
-        run(job, &Program::new(&argv))?;
-    }
-    // Packages must not start services in the helper.
-    write(job, POLICY_RC, b"#!/bin/sh\nexit 101\n", 0o755)?;
-    let line = format!(
-        "deb {} {} {}\n",
-        source.mirror,
-        source.suite,
-        source.components.join(" ")
-    );
-    write(job, BUILD_SOURCES, line.as_bytes(), 0o644)?;
-    let conf = format!(
-        "Acquire::http::Proxy \"{PROXY}\";\nDir::Etc::SourceList \"{BUILD_SOURCES}\";\n\
+impl Handle<EnterChroot> for Job<'_> {
+    fn handle(&self, op: EnterChroot) -> Result<(), OperationError> {
+        let job = self;
+        let EnterChroot { source } = &op;
+        for (dir, args) in PSEUDO {
+            let mut argv = vec!["mount"];
+            argv.extend(args);
+            let point = target(job, dir)?;
+            std::fs::create_dir_all(&point).map_err(|e| job.io_error(&e))?;
+            argv.push(&point);
+            run(job, &Program::new(&argv))?;
+        }
+        // Packages must not start services in the helper.
+        write(job, POLICY_RC, b"#!/bin/sh\nexit 101\n", 0o755)?;
+        let line = format!(
+            "deb {} {} {}\n",
+            source.mirror,
+            source.suite,
+            source.components.join(" ")
+        );
+        write(job, BUILD_SOURCES, line.as_bytes(), 0o644)?;
+        let conf = format!(
+            "Acquire::http::Proxy \"{PROXY}\";\nDir::Etc::SourceList \"{BUILD_SOURCES}\";\n\
          Dir::Etc::SourceParts \"/nonexistent\";\n\
          DPkg::Options {{ \"--force-unsafe-io\"; \"--force-confdef\"; \"--force-confold\"; }};\n"
-    );
-    write(job, APT_CONF, conf.as_bytes(), 0o644)
+        );
+        write(job, APT_CONF, conf.as_bytes(), 0o644)
+    }
 }
 
-pub fn apt(job: &Job, apt: &Apt) -> Result<(), OperationError> {
-    run(job, &chroot(&["apt-get", "update", "-q"]))?;
-    if apt.upgrade {
-        run(job, &chroot(&["apt-get", "-y", "-q", "dist-upgrade"]))?;
-    }
-    for (verb, list) in [
-        ("install", &apt.install),
-        ("remove", &apt.remove),
-        ("purge", &apt.purge),
-    ] {
-        if list.is_empty() {
-            continue;
+impl Handle<Apt> for Job<'_> {
+    fn handle(&self, op: Apt) -> Result<(), OperationError> {
+        let job = self;
+        let apt = &op;
+        run(job, &chroot(&["apt-get", "update", "-q"]))?;
+        if apt.upgrade {
+            run(job, &chroot(&["apt-get", "-y", "-q", "dist-upgrade"]))?;
         }
-        let mut argv = vec!["apt-get", "-y", "-q"];
-        if !apt.recommends {
-            argv.push("--no-install-recommends");
+        for (verb, list) in [
+            ("install", &apt.install),
+            ("remove", &apt.remove),
+            ("purge", &apt.purge),
+        ] {
+            if list.is_empty() {
+                continue;
+            }
+            let mut argv = vec!["apt-get", "-y", "-q"];
+            if !apt.recommends {
+                argv.push("--no-install-recommends");
+            }
+            argv.push(verb);
+            argv.extend(list.iter().map(String::as_str));
+            run(job, &chroot(&argv))?;
         }
-        argv.push(verb);
-        argv.extend(list.iter().map(String::as_str));
-        run(job, &chroot(&argv))?;
+        Ok(())
     }
-    Ok(())
 }
 
-pub fn apt_sources(job: &Job, sources: &AptSources) -> Result<(), OperationError> {
-    let (file, text) = if sources.deb822 {
+impl Handle<AptSources> for Job<'_> {
+    fn handle(&self, op: AptSources) -> Result<(), OperationError> {
+        let (file, text) = sources_file(&op);
+        write(self, &format!("/etc/apt/sources.list.d/{file}"), text.as_bytes(), 0o644)?;
+        // One place for the sources: the old file only points to the new one.
+        let pointer = format!("# See /etc/apt/sources.list.d/{file}\n");
+        write(self, "/etc/apt/sources.list", pointer.as_bytes(), 0o644)
+    }
+}
+
+/// The file name in sources.list.d and its content.
+fn sources_file(sources: &AptSources) -> (String, String) {
+    if sources.deb822 {
         let stanzas: Vec<String> = sources
             .entries
             .iter()
@@ -137,72 +163,158 @@ pub fn apt_sources(job: &Job, sources: &AptSources) -> Result<(), OperationError
             }
         }
         (format!("{}.list", sources.name), text)
-    };
-    write(job, &format!("/etc/apt/sources.list.d/{file}"), text.as_bytes(), 0o644)?;
-    // One place for the sources: the old file only points to the new one.
-    let pointer = format!("# See /etc/apt/sources.list.d/{file}\n");
-    write(job, "/etc/apt/sources.list", pointer.as_bytes(), 0o644)
+    }
 }
 
 /// Debian's cloud images remove these so that every instance starts fresh.
-pub fn clean(job: &Job) -> Result<(), OperationError> {
-    run(job, &chroot(&["apt-get", "clean"]))?;
-    for path in [
-        POLICY_RC,
-        APT_CONF,
-        BUILD_SOURCES,
-        "/var/lib/dbus/machine-id",
-        "/etc/mailname",
-    ] {
-        remove(job, path)?;
-    }
-    for log in [
-        "/var/log/apt",
-        "/var/log/dpkg.log",
-        "/var/log/alternatives.log",
-        "/var/log/bootstrap.log",
-    ] {
-        remove(job, log)?;
-    }
-    for dir in ["/var/lib/apt/lists", "/tmp", "/var/tmp"] {
-        empty_dir(job, dir)?;
-    }
-    for (dir, prefix) in [("/var/cache/apt", ""), ("/etc/ssh", "ssh_host_")] {
-        let entries = match std::fs::read_dir(target(job, dir)?) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(job.io_error(&e)),
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let caches = prefix.is_empty() && name.ends_with(".bin");
-            if caches || (!prefix.is_empty() && name.starts_with(prefix)) {
-                remove(job, &format!("{dir}/{name}"))?;
+impl Handle<Clean> for Job<'_> {
+    fn handle(&self, _: Clean) -> Result<(), OperationError> {
+        let job = self;
+        run(job, &chroot(&["apt-get", "clean"]))?;
+        for path in [
+            POLICY_RC,
+            APT_CONF,
+            BUILD_SOURCES,
+            "/var/lib/dbus/machine-id",
+            "/etc/mailname",
+        ] {
+            remove(job, path)?;
+        }
+        for log in [
+            "/var/log/apt",
+            "/var/log/dpkg.log",
+            "/var/log/alternatives.log",
+            "/var/log/bootstrap.log",
+        ] {
+            remove(job, log)?;
+        }
+        for dir in ["/var/lib/apt/lists", "/tmp", "/var/tmp"] {
+            empty_dir(job, dir)?;
+        }
+        for (dir, prefix) in [("/var/cache/apt", ""), ("/etc/ssh", "ssh_host_")] {
+            let entries = match std::fs::read_dir(target(job, dir)?) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(job.io_error(&e)),
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let caches = prefix.is_empty() && name.ends_with(".bin");
+                if caches || (!prefix.is_empty() && name.starts_with(prefix)) {
+                    remove(job, &format!("{dir}/{name}"))?;
+                }
             }
         }
+        // An empty machine-id (not a missing one) makes systemd generate one at first boot.
+        write(job, "/etc/machine-id", b"", 0o444)?;
+        write(job, "/var/lib/dpkg/available", b"", 0o644)?;
+        for (dir, _) in PSEUDO.iter().rev() {
+            run(job, &Program::new(&["umount", &target(job, dir)?]))?;
+        }
+        Ok(())
     }
-    // An empty machine-id (not a missing one) makes systemd generate one at first boot.
-    write(job, "/etc/machine-id", b"", 0o444)?;
-    write(job, "/var/lib/dpkg/available", b"", 0o644)?;
-    for (dir, _) in PSEUDO.iter().rev() {
-        run(job, &Program::new(&["umount", &target(job, dir)?]))?;
-    }
-    Ok(())
 }
 
-pub fn list_packages(job: &Job) -> Result<Vec<Package>, OperationError> {
-    let query = chroot(&["dpkg-query", "-W", "-f", "${Package}\\t${Version}\\t${Architecture}\\n"]);
-    let out = command::run(job, &query, Input::Null, true)?;
-    let text = String::from_utf8(out).map_err(|_| job.error(ErrorKind::Io, "dpkg-query printed non-UTF-8".into()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split('\t');
-            Some(Package {
-                name: f.next()?.into(),
-                version: f.next()?.into(),
-                architecture: f.next()?.into(),
+impl Handle<ListPackages> for Job<'_> {
+    fn handle(&self, _: ListPackages) -> Result<Vec<Package>, OperationError> {
+        let job = self;
+        let query = chroot(&["dpkg-query", "-W", "-f", "${Package}\\t${Version}\\t${Architecture}\\n"]);
+        let out = command::run(job, &query, Input::Null, true)?;
+        let text =
+            String::from_utf8(out).map_err(|_| job.error(ErrorKind::Io, "dpkg-query printed non-UTF-8".into()))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                Some(Package {
+                    name: f.next()?.into(),
+                    version: f.next()?.into(),
+                    architecture: f.next()?.into(),
+                })
             })
-        })
-        .collect())
+            .collect())
+    }
+}
+
+impl Handle<Debconf> for Job<'_> {
+    /// Before the apt steps that read the answers; debconf keeps them in its database.
+    fn handle(&self, Debconf(answers): Debconf) -> Result<(), OperationError> {
+        let program = chroot(&["debconf-set-selections"]);
+        command::run(self, &program, Input::Bytes(selections(&answers)), false).map(drop)
+    }
+}
+
+/// debconf-set-selections' input: one answer per line.
+fn selections(answers: &[DebconfAnswer]) -> Vec<u8> {
+    answers
+        .iter()
+        .flat_map(|a| [a.as_str(), "\n"])
+        .collect::<String>()
+        .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::with_test_job;
+    use imgvm_protocol::SourceEntry;
+
+    fn entry(suites: &[&str], signed_by: Option<&str>) -> SourceEntry {
+        SourceEntry {
+            types: vec!["deb".into()],
+            uris: vec!["https://deb.debian.org/debian".into()],
+            suites: suites.iter().map(|s| s.to_string()).collect(),
+            components: vec!["main".into(), "contrib".into()],
+            signed_by: signed_by.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn sources_are_written_deb822_and_sources_list_points_to_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = AptSources {
+            name: "debian".into(),
+            deb822: true,
+            entries: vec![entry(&["trixie", "trixie-updates"], Some("/usr/share/keyrings/k.gpg"))],
+        };
+        with_test_job(dir.path(), |job| job.handle(sources)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("etc/apt/sources.list.d/debian.sources")).unwrap(),
+            "Types: deb\nURIs: https://deb.debian.org/debian\nSuites: trixie trixie-updates\n\
+             Components: main contrib\nSigned-By: /usr/share/keyrings/k.gpg\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("etc/apt/sources.list")).unwrap(),
+            "# See /etc/apt/sources.list.d/debian.sources\n"
+        );
+    }
+
+    #[test]
+    fn one_line_sources_have_a_line_per_suite() {
+        let sources = AptSources {
+            name: "debian".into(),
+            deb822: false,
+            entries: vec![entry(&["trixie", "trixie-updates"], None)],
+        };
+        let (file, text) = sources_file(&sources);
+        assert_eq!(file, "debian.list");
+        assert_eq!(
+            text,
+            "deb https://deb.debian.org/debian trixie main contrib\n\
+             deb https://deb.debian.org/debian trixie-updates main contrib\n"
+        );
+    }
+
+    #[test]
+    fn debconf_answers_are_one_per_line() {
+        let answers = [
+            DebconfAnswer::new("locales locales/default_environment_locale select C.UTF-8").unwrap(),
+            DebconfAnswer::new("  grub-efi-amd64 grub2/force_efi_extra_removable boolean true ").unwrap(),
+        ];
+        assert_eq!(
+            String::from_utf8(selections(&answers)).unwrap(),
+            "locales locales/default_environment_locale select C.UTF-8\n\
+             grub-efi-amd64 grub2/force_efi_extra_removable boolean true\n"
+        );
+    }
 }

@@ -12,67 +12,14 @@ mod system;
 
 use crate::command::{self, Input, Program};
 use crate::job::Job;
-use imgvm_protocol::{ErrorKind, ImageOp, OperationError, Outcome, TARGET};
+use imgvm_protocol::{ErrorKind, ImageOp, ImageReply, OperationError};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path};
 
-pub fn execute(job: &Job, op: ImageOp) -> Result<Outcome, OperationError> {
-    let done = |r: Result<(), OperationError>| r.map(|()| Outcome::Done);
-    let result = match op {
-        ImageOp::Partition {
-            disk,
-            table,
-            partitions,
-        } => done(disk::partition(job, &disk, table, &partitions)),
-        ImageOp::Mkfs(mkfs) => done(disk::mkfs(job, &mkfs)),
-        ImageOp::Mount { device, path } => done(disk::mount(job, &device, &path)),
-        ImageOp::Unmount { trim } => done(disk::unmount(job, trim)),
-        ImageOp::Bootstrap(bootstrap) => done(debian::bootstrap(job, &bootstrap)),
-        ImageOp::EnterChroot { source } => done(debian::enter_chroot(job, &source)),
-        ImageOp::Apt(apt) => done(debian::apt(job, &apt)),
-        ImageOp::AptSources(sources) => done(debian::apt_sources(job, &sources)),
-        ImageOp::Clean => done(debian::clean(job)),
-        ImageOp::ListPackages => debian::list_packages(job).map(Outcome::Packages),
-        ImageOp::Check(list) => checks::run(job, &list).map(Outcome::Checks),
-        ImageOp::WriteFile { path, mode, owner } => done(files::write_file(job, &path, mode, &owner)),
-        ImageOp::Unpack { path, owner } => done(files::unpack(job, &path, &owner)),
-        ImageOp::Script { script, env, chroot } => done(files::script(job, &script, &env, chroot)),
-        ImageOp::Users(users) => done(system::users(job, &users)),
-        ImageOp::Hostname(name) => done(system::hostname(job, &name)),
-        ImageOp::Locale(lang) => done(system::locale(job, &lang)),
-        ImageOp::Timezone(zone) => done(system::timezone(job, &zone)),
-        ImageOp::Services(services) => done(system::services(job, &services)),
-        ImageOp::Fstab(entries) => done(system::fstab(job, &entries)),
-        ImageOp::Bootloader(boot) => done(bootloader::install(job, &boot)),
-    };
-    result.map_err(diagnose::explain)
-}
-
-pub fn describe(op: &ImageOp) -> String {
-    match op {
-        ImageOp::Partition { disk, .. } => format!("partition {disk}"),
-        ImageOp::Mkfs(m) => format!("mkfs {:?} on {}", m.filesystem, m.device).to_lowercase(),
-        ImageOp::Mount { device, path } => format!("mount {device} at {path}"),
-        ImageOp::Unmount { .. } => "unmount the image".into(),
-        ImageOp::Bootstrap(b) => format!("bootstrap {} {}", b.suite, b.arch),
-        ImageOp::EnterChroot { .. } => "prepare the chroot".into(),
-        ImageOp::Apt(_) => "apt".into(),
-        ImageOp::AptSources(s) => format!("apt sources {}", s.name),
-        ImageOp::Clean => "clean the image".into(),
-        ImageOp::ListPackages => "list installed packages".into(),
-        ImageOp::Check(_) => "offline checks".into(),
-        ImageOp::WriteFile { path, .. } => format!("write {path}"),
-        ImageOp::Unpack { path, .. } => format!("copy into {path}"),
-        ImageOp::Script { chroot: true, .. } => "script in the image".into(),
-        ImageOp::Script { chroot: false, .. } => "script in the helper".into(),
-        ImageOp::Users(_) => "users".into(),
-        ImageOp::Hostname(_) => "hostname".into(),
-        ImageOp::Locale(_) => "locale".into(),
-        ImageOp::Timezone(_) => "timezone".into(),
-        ImageOp::Services(_) => "services".into(),
-        ImageOp::Fstab(_) => "fstab".into(),
-        ImageOp::Bootloader(_) => "bootloader".into(),
-    }
+/// Carries out `op` with this module's [`imgvm_protocol::Handle`] implementations (one
+/// per operation, required by [`ImageOp::dispatch`]), wording known failures.
+pub fn execute(job: &Job, op: ImageOp) -> Result<ImageReply, OperationError> {
+    op.dispatch(job).map_err(diagnose::explain)
 }
 
 /// `path` (absolute, inside the image) as a path in the helper. Refuses `..` so that a
@@ -85,12 +32,12 @@ fn target(job: &Job, path: &str) -> Result<String, OperationError> {
             format!("{path:?} is not an absolute path inside the image"),
         ));
     }
-    Ok(format!("{TARGET}{}", path.trim_end_matches('/')))
+    Ok(format!("{}{}", job.root, path.trim_end_matches('/')))
 }
 
 /// A program run in the image's chroot, with its own tools and non-interactive apt.
 fn chroot<S: AsRef<str>>(argv: &[S]) -> Program {
-    let mut full = vec![String::from("chroot"), TARGET.to_owned()];
+    let mut full = vec![String::from("chroot"), imgvm_protocol::TARGET.to_owned()];
     full.extend(argv.iter().map(|a| a.as_ref().to_owned()));
     Program::new(&full).env("DEBIAN_FRONTEND", "noninteractive")
 }

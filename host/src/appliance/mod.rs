@@ -43,14 +43,7 @@ pub struct Manifest {
     pub kernel_package: String,
     pub kernel_version: String,
     pub modules: Vec<String>,
-    pub packages: Vec<PackageRef>,
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct PackageRef {
-    pub name: String,
-    pub version: String,
-    pub architecture: String,
+    pub packages: Vec<imgvm_protocol::Package>,
 }
 
 /// Which appliance to use: the definition plus any mirror or suite override.
@@ -204,7 +197,7 @@ impl Spec {
                 .collect(),
             packages: packages
                 .values()
-                .map(|p| PackageRef {
+                .map(|p| imgvm_protocol::Package {
                     name: p.name.clone(),
                     version: p.version.clone(),
                     architecture: p.architecture.clone(),

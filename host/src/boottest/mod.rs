@@ -6,7 +6,6 @@
 //! The image is attached as a snapshot: testing never changes it.
 
 pub mod firmware;
-pub mod junit;
 mod seed;
 mod stage;
 
@@ -14,8 +13,9 @@ pub use firmware::Firmware;
 pub use stage::Stage;
 
 use crate::arch::Arch;
+use crate::vm::qemu::{drive, escape_option, Boot, Qemu};
 use crate::vm::Accel;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -116,52 +116,36 @@ async fn boot_with(options: &BootOptions, accel: Accel, cancel: &CancellationTok
     let seed = dir.path().join("seed.img");
     seed::write(&seed, &format!("imgvm-{token}"), &command)?;
 
-    let mut qemu = tokio::process::Command::new(arch.qemu_binary());
-    let (machine, cpu) = match arch {
-        Arch::Amd64 => ("q35", if accel == Accel::Kvm { "host" } else { "max" }),
-        Arch::Arm64 => ("virt", if accel == Accel::Kvm { "host" } else { "cortex-a72" }),
-        Arch::Ppc64el => ("pseries", if accel == Accel::Kvm { "host" } else { "power9" }),
+    let launcher = Qemu {
+        arch,
+        accel,
+        memory_mib: options.memory_mib,
+        cpus: options.cpus,
+        boot: Boot::Firmware,
     };
-    qemu.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        .args(["-machine", machine, "-cpu", cpu, "-accel", accel.qemu_arg()])
-        .args(["-m", &options.memory_mib.to_string(), "-smp", &options.cpus.to_string()])
-        .args(firmware::qemu_args(arch, options.firmware, dir.path())?)
+    let mut qemu = launcher.command();
+    qemu.args(firmware::qemu_args(arch, options.firmware, dir.path())?)
         .args(["-serial", "stdio"]);
     // SeaBIOS says nothing on the serial port, but tells its debug port why it gave up.
     let firmware_log = dir.path().join("firmware.log");
     if arch == Arch::Amd64 {
         let mut chardev = std::ffi::OsString::from("file,id=firmware,path=");
-        chardev.push(crate::vm::escape_option(&firmware_log));
+        chardev.push(escape_option(&firmware_log));
         qemu.arg("-chardev")
             .arg(chardev)
             .args(["-device", "isa-debugcon,iobase=0x402,chardev=firmware"]);
     }
-    let mut image = std::ffi::OsString::from("file=");
-    image.push(crate::vm::escape_option(&options.image));
-    image.push(format!(
-        ",format={},if=none,id=image,snapshot=on",
-        crate::vm::disk_format(&options.image)?
-    ));
-    let mut seed_drive = std::ffi::OsString::from("file=");
-    seed_drive.push(crate::vm::escape_option(&seed));
-    seed_drive.push(",format=raw,if=none,id=seed,readonly=on");
     qemu.arg("-drive")
-        .arg(image)
+        .arg(drive(&options.image, "if=none,id=image,snapshot=on")?)
         .args(["-device", "virtio-blk-pci,drive=image,bootindex=0"])
         .arg("-drive")
-        .arg(seed_drive)
+        .arg(drive(&seed, "if=none,id=seed,readonly=on")?)
         .args(["-device", "virtio-blk-pci,drive=seed"]);
     // Entropy, so that early boot does not wait for it under emulation.
     qemu.args(["-device", "virtio-rng-pci"]);
-    qemu.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    tracing::debug!("starting {:?}", qemu.as_std());
+    qemu.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let started = Instant::now();
-    let mut child = qemu
-        .spawn()
-        .with_context(|| format!("cannot run {} (see `imgvm doctor`)", arch.qemu_binary()))?;
+    let mut child = launcher.spawn(&mut qemu)?;
     let mut stdin = child.stdin.take().expect("piped");
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
@@ -267,6 +251,22 @@ impl Login {
                 Some(format!("{command}\n"))
             }
             _ => None,
+        }
+    }
+}
+
+impl BootResult {
+    pub fn case(&self) -> crate::report::Case {
+        crate::report::Case {
+            name: format!("boot ({})", self.firmware),
+            seconds: self.seconds,
+            passed: self.passed,
+            message: self.message.clone(),
+            details: if self.passed {
+                String::new()
+            } else {
+                self.console_tail.clone()
+            },
         }
     }
 }

@@ -1,21 +1,20 @@
-//! `imgvm build`: recipe → actions → helper VM → image and its companions (manifest,
-//! checksums, log), which appear in the output directory only once all are complete.
+//! `imgvm build`: a recipe's plan carried out in a helper VM → the image and its
+//! companions (manifest, checksums, log), which appear in the output directory only once
+//! all are complete.
 
-mod layout;
 mod outputs;
-mod plan;
 
 use crate::archive::Fetcher;
 use crate::helper::{Helper, HelperOptions};
+use crate::plan::{Action, NamedCheck, Phase};
 use crate::recipe::Recipe;
-use anyhow::{anyhow, bail, Context, Result};
-use imgvm_protocol::{ErrorKind, Event, ImageOp, Operation, OperationError, Outcome, TARGET};
+use crate::recipe::SourceKind;
+use anyhow::{bail, Context, Result};
+use imgvm_protocol::{ErrorKind, Event, ListPackages, OperationError, RunChecks, TARGET};
 use indicatif::HumanBytes;
-use plan::{Action, Phase};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
 pub struct BuildOptions {
@@ -48,7 +47,7 @@ pub struct Report {
 /// What the helper VM found out about the finished image.
 #[derive(Default)]
 struct Findings {
-    packages: Vec<outputs::Package>,
+    packages: Vec<imgvm_protocol::Package>,
     checks: Vec<CheckOutcome>,
 }
 
@@ -68,9 +67,31 @@ pub struct TestReport {
     pub boots: Vec<crate::boottest::BootResult>,
 }
 
+impl CheckOutcome {
+    pub fn case(&self) -> crate::report::Case {
+        crate::report::Case {
+            name: self.name.clone(),
+            seconds: 0.0,
+            passed: self.passed,
+            message: if self.passed {
+                String::new()
+            } else {
+                format!("expected {}, found {}", self.expected, self.actual)
+            },
+            details: String::new(),
+        }
+    }
+}
+
 impl TestReport {
     pub fn passed(&self) -> bool {
-        self.checks.iter().all(|c| c.passed) && self.boots.iter().all(|b| b.passed)
+        self.cases().iter().all(|c| c.passed)
+    }
+
+    /// Every check, then every boot.
+    pub fn cases(&self) -> Vec<crate::report::Case> {
+        let checks = self.checks.iter().map(CheckOutcome::case);
+        checks.chain(self.boots.iter().map(|b| b.case())).collect()
     }
 }
 
@@ -146,7 +167,7 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
     .await?;
     if let Some(tests) = &tests {
         let junit = staging.path().join(format!("{name}.junit.xml"));
-        std::fs::write(&junit, junit_report(&name, tests))?;
+        std::fs::write(&junit, crate::report::junit(&name, &tests.cases()))?;
         outputs.push(junit);
     }
     log.line(&format!("done in {:.1} s", started.elapsed().as_secs_f64()));
@@ -193,33 +214,13 @@ async fn boot_tests(
         let result = crate::boottest::boot(&boot, cancel).await;
         spinner.finish_and_clear();
         let result = result?;
-        let verdict = if result.passed { "PASS" } else { "FAIL" };
-        log.line(&format!(
-            "{verdict} {label} after {:.1} s: {}",
-            result.seconds, result.message
-        ));
+        log.line(&result.case().line());
         if !result.passed {
             log.line(&result.console_tail);
         }
         results.push(result);
     }
     Ok(results)
-}
-
-/// The test results as JUnit XML: one case per check and per boot.
-fn junit_report(name: &str, tests: &TestReport) -> String {
-    use crate::boottest::junit::{render, Case};
-    let checks = tests.checks.iter().map(|c| Case {
-        name: c.name.clone(),
-        seconds: 0.0,
-        failure: (!c.passed).then(|| (format!("expected {}, found {}", c.expected, c.actual), String::new())),
-    });
-    let boots = tests.boots.iter().map(|b| Case {
-        name: format!("boot ({})", b.firmware),
-        seconds: b.seconds,
-        failure: (!b.passed).then(|| (b.message.clone(), b.console_tail.clone())),
-    });
-    render(name, &checks.chain(boots).collect::<Vec<_>>())
 }
 
 /// Boots the helper with the disk, runs every step, returns the step timings and the
@@ -257,7 +258,7 @@ async fn run_steps(
 
     let mut findings = Findings::default();
     let work = async {
-        for phase in plan::plan(recipe, options.test) {
+        for phase in crate::plan::plan(recipe, options.test).phases {
             timings.push(run_phase(&helper, recipe, phase, staging, &mut findings, log, cancel).await?);
         }
         Ok::<_, anyhow::Error>(())
@@ -317,7 +318,13 @@ async fn run_phase(
     spinner.finish_and_clear();
     if let Err(e) = result {
         return Err(match e.downcast::<OperationError>() {
-            Ok(e) => failure(recipe, &label, e),
+            Ok(agent) => StepError {
+                file: recipe.file.clone(),
+                step: label,
+                agent,
+                disk_size: recipe.disk_size,
+            }
+            .into(),
             Err(e) => e.context(format!("{label} failed")),
         });
     }
@@ -343,99 +350,166 @@ async fn run_action(
     log: &mut Log,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let (op, input): (ImageOp, Option<Box<dyn AsyncRead + Send + Unpin>>) = match action {
-        Action::Op(op) => (op, None),
-        Action::Feed(op, bytes) => (op, Some(Box::new(std::io::Cursor::new(bytes)))),
-        Action::Stream(op, path) if path.is_dir() => {
-            let (mut tar, stdout) = crate::transfer::tar_stream(&path)?;
-            request(helper, op, Some(Box::new(stdout)), log, cancel).await?;
-            let status = tar.wait().await?;
-            if !status.success() {
-                bail!("tar of {} failed ({status})", path.display());
+    let session = &helper.session;
+    let on_event = |event| {
+        let (Event::Stdout(line) | Event::Stderr(line)) = event;
+        let line = String::from_utf8_lossy(&line);
+        tracing::debug!("{line}");
+        log.line(&line);
+    };
+    match action {
+        Action::Op(op) => session.image_op(op, None, on_event, cancel).await??,
+        Action::Feed { op, content } => {
+            let input = Box::new(std::io::Cursor::new(content.into_bytes()));
+            session.image_op(op, Some(input), on_event, cancel).await??
+        }
+        Action::Stream { op, source } => match source.kind {
+            SourceKind::Directory { .. } => {
+                let (mut tar, stdout) = crate::transfer::tar_stream(&source.path)?;
+                session.image_op(op, Some(Box::new(stdout)), on_event, cancel).await??;
+                let status = tar.wait().await?;
+                if !status.success() {
+                    bail!("tar of {} failed ({status})", source.path.display());
+                }
+                return Ok(());
             }
-            return Ok(());
-        }
-        Action::Stream(op, path) => {
-            let file = tokio::fs::File::open(&path)
-                .await
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            (op, Some(Box::new(file)))
-        }
+            SourceKind::File { .. } => {
+                let file = tokio::fs::File::open(&source.path)
+                    .await
+                    .with_context(|| format!("cannot read {}", source.path.display()))?;
+                session.image_op(op, Some(Box::new(file)), on_event, cancel).await??
+            }
+        },
         Action::ListPackages => {
-            if let Outcome::Packages(list) = request(helper, ImageOp::ListPackages, None, log, cancel).await? {
-                findings.packages = list
-                    .into_iter()
-                    .map(|p| outputs::Package {
-                        name: p.name,
-                        version: p.version,
-                        architecture: p.architecture,
-                    })
-                    .collect();
-            }
+            findings.packages = session.image(ListPackages, None, on_event, cancel).await??;
             return Ok(());
         }
         Action::Checks(checks) => {
-            let (names, checks): (Vec<String>, Vec<_>) = checks.into_iter().unzip();
-            if let Outcome::Checks(results) = request(helper, ImageOp::Check(checks), None, log, cancel).await? {
-                for (name, r) in names.into_iter().zip(results) {
-                    let verdict = if r.passed { "PASS" } else { "FAIL" };
-                    log.line(&format!(
-                        "{verdict} {name}: expected {}, found {}",
-                        r.expected, r.actual
-                    ));
-                    findings.checks.push(CheckOutcome {
-                        name,
-                        passed: r.passed,
-                        expected: r.expected,
-                        actual: r.actual,
-                    });
-                }
+            let wanted = checks.iter().map(|c| c.check.clone()).collect();
+            let results = session.image(RunChecks(wanted), None, on_event, cancel).await??;
+            for outcome in check_outcomes(checks, results)? {
+                log.line(&outcome.case().line());
+                findings.checks.push(outcome);
             }
             return Ok(());
         }
         Action::RootfsTarball => {
             let tarball = staging.join("rootfs.tar");
-            return crate::transfer::copy_out(&helper.session, &format!("{TARGET}/"), &tarball, cancel).await;
+            return crate::transfer::copy_out(session, &format!("{TARGET}/"), &tarball, cancel).await;
         }
     };
-    request(helper, op, input, log, cancel).await.map(drop)
+    Ok(())
 }
 
-/// One image operation, its output lines going to the build log (and the debug log).
-async fn request(
-    helper: &Helper,
-    op: ImageOp,
-    input: Option<Box<dyn AsyncRead + Send + Unpin + '_>>,
-    log: &mut Log,
-    cancel: &CancellationToken,
-) -> Result<Outcome> {
-    let on_event = |event| {
-        if let Event::Stdout(line) | Event::Stderr(line) = event {
-            let line = String::from_utf8_lossy(&line);
-            tracing::debug!("{line}");
-            log.line(&line);
+/// Pairs the planned checks with the agent's results, one for one: a guest that drops
+/// or invents results must not turn into a pass.
+fn check_outcomes(checks: Vec<NamedCheck>, results: Vec<imgvm_protocol::CheckResult>) -> Result<Vec<CheckOutcome>> {
+    if results.len() != checks.len() {
+        bail!(
+            "the agent answered {} offline checks with {} results",
+            checks.len(),
+            results.len()
+        );
+    }
+    Ok(checks
+        .into_iter()
+        .zip(results)
+        .map(|(named, r)| CheckOutcome {
+            name: named.name,
+            passed: r.passed,
+            expected: r.expected,
+            actual: r.actual,
+        })
+        .collect())
+}
+
+/// A step the agent refused: which recipe and step, and the agent's structured error.
+/// Shown worded for the user, with advice for the failures whose cause is known.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {step}{}", file.display(), self.worded())]
+pub struct StepError {
+    pub file: PathBuf,
+    /// `step 3/12 (apt)`.
+    pub step: String,
+    pub agent: OperationError,
+    disk_size: crate::recipe::Size,
+}
+
+impl StepError {
+    fn worded(&self) -> String {
+        let e = &self.agent;
+        match e.kind {
+            ErrorKind::Cancelled => ": cancelled".into(),
+            ErrorKind::MissingPackage => format!(": {}", e.message),
+            ErrorKind::NoSpace => format!(
+                ": {}\nThe disk is {}: raise `disk.size` in the recipe.",
+                e.message, self.disk_size
+            ),
+            _ => {
+                let tail: String = e.stderr_tail.iter().map(|l| format!("\n  {l}")).collect();
+                format!(" failed: {}: {}{tail}", e.operation, e.message)
+            }
         }
-    };
-    let reply = helper
-        .session
-        .request(Operation::Image(op), input, on_event, cancel)
-        .await?;
-    Ok(reply?)
+    }
 }
 
-/// The agent's error, worded for the user: which step, what went wrong, and for the
-/// failures with a known cause what to do about it.
-fn failure(recipe: &Recipe, label: &str, e: OperationError) -> anyhow::Error {
-    let what = format!("{}: {label}", recipe.file.display());
-    let tail: String = e.stderr_tail.iter().map(|l| format!("\n  {l}")).collect();
-    match e.kind {
-        ErrorKind::Cancelled => anyhow!("{what}: cancelled"),
-        ErrorKind::MissingPackage => anyhow!("{what}: {}", e.message),
-        ErrorKind::NoSpace => anyhow!(
-            "{what}: {}\nThe disk is {}: raise `disk.size` in the recipe.",
-            e.message,
-            recipe.disk_size
-        ),
-        _ => anyhow!("{what} failed: {}: {}{tail}", e.operation, e.message),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgvm_protocol::{Check, CheckResult};
+
+    fn named(name: &str) -> NamedCheck {
+        NamedCheck {
+            name: name.into(),
+            check: Check::ServiceEnabled { name: name.into() },
+        }
+    }
+
+    #[test]
+    fn step_errors_name_the_step_and_advise_on_known_causes() {
+        let error = |kind, message: &str| StepError {
+            file: "r.yaml".into(),
+            step: "step 2/3 (apt)".into(),
+            agent: OperationError {
+                operation: "apt".into(),
+                kind,
+                message: message.into(),
+                errno: None,
+                exit_code: Some(100),
+                stderr_tail: vec!["E: oops".into()],
+            },
+            disk_size: crate::recipe::Size(700 << 20),
+        };
+        assert_eq!(
+            error(ErrorKind::NoSpace, "the image is full").to_string(),
+            "r.yaml: step 2/3 (apt): the image is full\nThe disk is 700MiB: raise `disk.size` in the recipe."
+        );
+        assert_eq!(
+            error(ErrorKind::CommandFailed, "`apt-get` exited with status 100").to_string(),
+            "r.yaml: step 2/3 (apt) failed: apt: `apt-get` exited with status 100\n  E: oops"
+        );
+        assert_eq!(
+            error(ErrorKind::Cancelled, "cancelled by the host").to_string(),
+            "r.yaml: step 2/3 (apt): cancelled"
+        );
+    }
+
+    #[test]
+    fn checks_need_one_result_each() {
+        let err = check_outcomes(vec![named("a"), named("b")], Vec::new()).unwrap_err();
+        assert_eq!(err.to_string(), "the agent answered 2 offline checks with 0 results");
+        let result = |passed| CheckResult {
+            passed,
+            expected: "enabled".into(),
+            actual: "disabled".into(),
+        };
+        let outcomes = check_outcomes(vec![named("a"), named("b")], vec![result(true), result(false)]).unwrap();
+        let report = TestReport {
+            checks: outcomes,
+            boots: Vec::new(),
+        };
+        assert!(!report.passed());
+        let lines: Vec<String> = report.cases().iter().map(|c| c.line()).collect();
+        assert_eq!(lines, ["PASS  a", "FAIL  b: expected enabled, found disabled"]);
     }
 }

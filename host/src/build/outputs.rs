@@ -4,16 +4,10 @@
 use super::{Log, Timing};
 use crate::recipe::{OutputFormat, Recipe};
 use anyhow::{bail, Context, Result};
+use imgvm_protocol::Package;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Package {
-    pub name: String,
-    pub version: String,
-    pub architecture: String,
-}
 
 #[derive(serde::Serialize)]
 struct Manifest<'a> {
@@ -119,7 +113,8 @@ pub async fn write(
             }
         };
         log.line(&format!(
-            "== output {format:?}: {} ({:.1} s)",
+            "== output {}: {} ({:.1} s)",
+            format.name(),
             file.display(),
             begun.elapsed().as_secs_f64()
         ));
@@ -248,7 +243,12 @@ mod tests {
             .unwrap()
             .set_len(recipe.disk_size.bytes())
             .unwrap();
-        let script = super::super::layout::partition_specs(&recipe)
+        let plan = crate::plan::plan(&recipe, false);
+        let crate::plan::Action::Op(imgvm_protocol::ImageOp::Partition(table)) = &plan.phases[0].actions[0] else {
+            panic!("a plan starts by partitioning")
+        };
+        let script = table
+            .partitions
             .iter()
             .map(|p| match p.size_bytes {
                 Some(size) => format!("size={}, type={}\n", size / 512, p.type_code),

@@ -3,7 +3,7 @@
 
 use super::error::RecipeError;
 use super::model::*;
-use super::Recipe;
+use super::{HostSource, Recipe};
 use crate::arch::Arch;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -104,7 +104,7 @@ pub fn load(path: &Path, arch_override: Option<Arch>) -> Result<Recipe, RecipeEr
             .map_or_else(|| "http://deb.debian.org/debian".to_owned(), |m| m.0),
     };
 
-    let recipe = Recipe {
+    let mut recipe = Recipe {
         name,
         description: merged.description.clone(),
         arch,
@@ -130,6 +130,14 @@ pub fn load(path: &Path, arch_override: Option<Arch>) -> Result<Recipe, RecipeEr
         },
     };
     super::validate::check(&recipe, &locate)?;
+    let dir = recipe.dir().to_owned();
+    for step in &mut recipe.steps {
+        if let Step::Copy(copy) = step {
+            let source = HostSource::read(&dir.join(&copy.from))
+                .map_err(|e| err(&copy.from, format!("cannot read `{}`: {e}", copy.from)))?;
+            copy.source = Some(source);
+        }
+    }
     Ok(recipe)
 }
 

@@ -3,12 +3,14 @@
 
 pub mod builtin;
 mod error;
+mod host_source;
 mod load;
 mod model;
 mod size;
 mod validate;
 
 pub use error::RecipeError;
+pub use host_source::{HostSource, SourceKind};
 pub use model::*;
 pub use size::Size;
 

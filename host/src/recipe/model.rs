@@ -3,6 +3,8 @@
 
 use super::size::Size;
 use crate::arch::Arch;
+/// Spelled in a recipe as they travel to the agent.
+pub use imgvm_protocol::{Apt, Debconf, Filesystem, FstabKey, Services, SourceEntry, User};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -51,8 +53,9 @@ pub struct DiskBody {
     pub partitions: Option<Vec<Partition>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum TableKind {
     Gpt,
     Msdos,
@@ -86,8 +89,9 @@ pub struct Partition {
     pub mkfs_options: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum PartitionKind {
     BiosBoot,
     Esp,
@@ -97,18 +101,9 @@ pub enum PartitionKind {
     Swap,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Filesystem {
-    Ext4,
-    Xfs,
-    Btrfs,
-    Vfat,
-    Swap,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum OutputFormat {
     Raw,
     Qcow2,
@@ -156,9 +151,11 @@ impl<'de> Deserialize<'de> for Snapshot {
     }
 }
 
-/// The steps, in the order a recipe lists them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The steps, in the order a recipe lists them. A step's kind (`apt-sources`) is its
+/// name in the recipe.
+#[derive(Debug, Clone, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[strum(serialize_all = "kebab-case")]
 pub enum Step {
     /// mmdebstrap into the mounted target (the first step; added when missing).
     Bootstrap(Bootstrap),
@@ -175,43 +172,142 @@ pub enum Step {
     Services(Services),
     Fstab(Fstab),
     Bootloader(Bootloader),
+    /// Answers for debconf's questions, for the packages installed after it.
+    Debconf(Debconf),
     /// Cleanup that makes the image fresh at first boot (the last step; added when
     /// missing).
     Finalize(Finalize),
 }
 
-impl PartitionKind {
-    pub fn name(self) -> &'static str {
+/// The names a recipe uses for these, for messages.
+macro_rules! recipe_names {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn name(self) -> &'static str {
+                self.into()
+            }
+        }
+    )*};
+}
+recipe_names!(TableKind, PartitionKind, OutputFormat, BootstrapVariant);
+
+impl Step {
+    pub fn kind(&self) -> &'static str {
+        self.into()
+    }
+
+    /// What is wrong with the step by itself. Every kind of step has its arm, so a new
+    /// one cannot slip past unchecked; what needs the rest of the recipe (order, disk,
+    /// host files) is checked in `validate`.
+    pub fn check(&self) -> Result<(), Problem> {
+        let problem = |at: &str, message: String| {
+            Err(Problem {
+                at: Some(at.to_owned()),
+                message,
+            })
+        };
         match self {
-            PartitionKind::BiosBoot => "bios-boot",
-            PartitionKind::Esp => "esp",
-            PartitionKind::Prep => "prep",
-            PartitionKind::Root => "root",
-            PartitionKind::Linux => "linux",
-            PartitionKind::Swap => "swap",
+            Step::File(file) => {
+                if !inside_image(&file.path) {
+                    return problem(
+                        &file.path,
+                        format!("path `{}` is not an absolute path without `..`", file.path),
+                    );
+                }
+                if file.path.starts_with("/etc/default/grub") {
+                    let owned = file.content.lines().find_map(|line| {
+                        let name = line.trim_start().split('=').next()?;
+                        BOOTLOADER_SETTINGS.contains(&name).then_some(name)
+                    });
+                    if let Some(name) = owned {
+                        return problem(
+                            &file.path,
+                            format!(
+                                "{name} belongs to the bootloader step (`bootloader: {{timeout: N, cmdline: ...}}`), \
+                                 which would override this file"
+                            ),
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Step::Copy(copy) if !inside_image(&copy.to) => problem(
+                &copy.to,
+                format!("destination `{}` is not an absolute path without `..`", copy.to),
+            ),
+            Step::Run(run) if run.script.is_some() == run.command.is_some() => Err(Problem {
+                at: None,
+                message: "give either `script` or `command`".into(),
+            }),
+            Step::AptSources(sources)
+                if sources.name.is_empty()
+                    || !sources
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) =>
+            {
+                Err(Problem {
+                    at: None,
+                    message: format!("`{}` is not a valid sources file name", sources.name),
+                })
+            }
+            Step::Users(users) => {
+                for user in users {
+                    let valid = !user.name.is_empty()
+                        && user
+                            .name
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
+                        && !user.name.starts_with('-');
+                    if !valid {
+                        return problem(
+                            &format!("name: {}", user.name),
+                            format!("`{}` is not a valid user name", user.name),
+                        );
+                    }
+                }
+                Ok(())
+            }
+            // Checked when read (Debconf), or free-form, or checked against the disk in
+            // `validate` (Bootloader), or placed there (Bootstrap, Finalize).
+            Step::Copy(_)
+            | Step::Run(_)
+            | Step::AptSources(_)
+            | Step::Bootstrap(_)
+            | Step::Apt(_)
+            | Step::Hostname(_)
+            | Step::Locale(_)
+            | Step::Timezone(_)
+            | Step::Services(_)
+            | Step::Fstab(_)
+            | Step::Bootloader(_)
+            | Step::Debconf(_)
+            | Step::Finalize(_) => Ok(()),
         }
     }
 }
 
-impl Step {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Step::Bootstrap(_) => "bootstrap",
-            Step::Apt(_) => "apt",
-            Step::File(_) => "file",
-            Step::Copy(_) => "copy",
-            Step::Run(_) => "run",
-            Step::Users(_) => "users",
-            Step::Hostname(_) => "hostname",
-            Step::Locale(_) => "locale",
-            Step::Timezone(_) => "timezone",
-            Step::AptSources(_) => "apt-sources",
-            Step::Services(_) => "services",
-            Step::Fstab(_) => "fstab",
-            Step::Bootloader(_) => "bootloader",
-            Step::Finalize(_) => "finalize",
-        }
-    }
+/// A step's mistake: the text to point at (else the step itself) and what is wrong.
+#[derive(Debug)]
+pub struct Problem {
+    pub at: Option<String>,
+    pub message: String,
+}
+
+/// What the bootloader operation writes (last, in /etc/default/grub.d/99_imgvm.cfg): a
+/// recipe's own file setting one of these would silently lose.
+const BOOTLOADER_SETTINGS: &[&str] = &[
+    "GRUB_TIMEOUT",
+    "GRUB_CMDLINE_LINUX",
+    "GRUB_TERMINAL",
+    "GRUB_SERIAL_COMMAND",
+    "GRUB_DISABLE_LINUX_UUID",
+    "GRUB_DISABLE_LINUX_PARTUUID",
+];
+
+/// Whether `path` names a place in the image: absolute, never climbing out with `..`.
+pub(super) fn inside_image(path: &str) -> bool {
+    path.starts_with('/') && !path.split('/').any(|c| c == "..")
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -221,8 +317,10 @@ pub struct Bootstrap {
     pub variant: BootstrapVariant,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// mmdebstrap's variants, by mmdebstrap's names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum BootstrapVariant {
     #[default]
     Minbase,
@@ -231,21 +329,6 @@ pub enum BootstrapVariant {
     Required,
     Important,
     Standard,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Apt {
-    #[serde(default)]
-    pub install: Vec<String>,
-    #[serde(default)]
-    pub remove: Vec<String>,
-    #[serde(default)]
-    pub purge: Vec<String>,
-    #[serde(default)]
-    pub upgrade: bool,
-    #[serde(default)]
-    pub recommends: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -266,6 +349,10 @@ pub struct Copy {
     pub to: String,
     #[serde(default = "root")]
     pub owner: String,
+    /// What `from` is on the host, found while loading the recipe so that planning
+    /// reads nothing from disk.
+    #[serde(skip_deserializing)]
+    pub source: Option<super::HostSource>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -280,21 +367,6 @@ pub struct Run {
     pub chroot: bool,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct User {
-    pub name: String,
-    #[serde(default)]
-    pub groups: Vec<String>,
-    #[serde(default = "bash")]
-    pub shell: String,
-    /// Authorized SSH keys. The password is always locked.
-    #[serde(default)]
-    pub ssh_keys: Vec<String>,
-    #[serde(default)]
-    pub sudo: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -316,42 +388,11 @@ pub enum SourcesFormat {
     List,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceEntry {
-    #[serde(default = "deb")]
-    pub types: Vec<String>,
-    pub uris: Vec<String>,
-    pub suites: Vec<String>,
-    pub components: Vec<String>,
-    pub signed_by: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Services {
-    #[serde(default)]
-    pub enable: Vec<String>,
-    #[serde(default)]
-    pub disable: Vec<String>,
-    #[serde(default)]
-    pub mask: Vec<String>,
-}
-
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fstab {
     #[serde(default)]
     pub by: FstabKey,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FstabKey {
-    #[default]
-    Uuid,
-    Partuuid,
-    Label,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -443,10 +484,4 @@ fn root() -> String {
 }
 fn yes() -> bool {
     true
-}
-fn bash() -> String {
-    "/bin/bash".into()
-}
-fn deb() -> Vec<String> {
-    vec!["deb".into()]
 }

@@ -7,8 +7,6 @@ use std::str::FromStr;
 pub struct Size(pub u64);
 
 impl Size {
-    pub const MIB: u64 = 1 << 20;
-
     pub fn bytes(self) -> u64 {
         self.0
     }

@@ -65,8 +65,9 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
                 return fail(
                     &here,
                     format!(
-                        "{what}: a {} partition holds no filesystem, not {fs:?}",
-                        part.kind.name()
+                        "{what}: a {} partition holds no filesystem, not {}",
+                        part.kind.name(),
+                        fs.name()
                     ),
                 );
             }
@@ -103,7 +104,7 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
             _ => true,
         };
         if !arch_ok {
-            let table = format!("{:?}", recipe.table).to_lowercase();
+            let table = recipe.table.name();
             return fail(
                 &here,
                 format!(
@@ -141,8 +142,8 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
     let last = recipe.steps.len() - 1;
     let mut outputs = BTreeSet::new();
     for format in &recipe.outputs {
-        if !outputs.insert(format!("{format:?}")) {
-            return fail("outputs:", format!("output {format:?} is listed twice"));
+        if !outputs.insert(format.name()) {
+            return fail("outputs:", format!("output {} is listed twice", format.name()));
         }
         if *format == OutputFormat::Qcow2Compressed && recipe.outputs.contains(&OutputFormat::Qcow2) {
             return fail(
@@ -160,22 +161,17 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
     for (i, step) in recipe.steps.iter().enumerate() {
         let what = format!("step {} ({})", i + 1, step.kind());
         let needle = format!("- {}:", step.kind());
+        if let Err(problem) = step.check() {
+            return fail(
+                problem.at.as_deref().unwrap_or(&needle),
+                format!("{what}: {}", problem.message),
+            );
+        }
+        // What a step cannot know by itself: its place, the host, the disk.
         match step {
             Step::Bootstrap(_) if i != 0 => return fail(&needle, format!("{what}: bootstrap must be the first step")),
             Step::Finalize(_) if i != last => return fail(&needle, format!("{what}: finalize must be the last step")),
-            Step::File(file) if !inside_image(&file.path) => {
-                return fail(
-                    &file.path,
-                    format!("{what}: path `{}` is not an absolute path without `..`", file.path),
-                );
-            }
             Step::Copy(copy) => {
-                if !inside_image(&copy.to) {
-                    return fail(
-                        &copy.to,
-                        format!("{what}: destination `{}` is not an absolute path without `..`", copy.to),
-                    );
-                }
                 let source = recipe.dir().join(&copy.from);
                 if !source.exists() {
                     return fail(
@@ -187,21 +183,6 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
                         ),
                     );
                 }
-            }
-            Step::Run(run) if run.script.is_some() == run.command.is_some() => {
-                return fail(&needle, format!("{what}: give either `script` or `command`"));
-            }
-            Step::AptSources(sources)
-                if sources.name.is_empty()
-                    || !sources
-                        .name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) =>
-            {
-                return fail(
-                    &needle,
-                    format!("{what}: `{}` is not a valid sources file name", sources.name),
-                );
             }
             Step::Bootloader(_) => {
                 let has = |kind| parts.iter().any(|p| p.kind == kind);
@@ -222,22 +203,6 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
                     return fail(&needle, format!("{what}: a bootable {arch} disk needs {need}"));
                 }
             }
-            Step::Users(users) => {
-                for user in users {
-                    let valid = !user.name.is_empty()
-                        && user
-                            .name
-                            .chars()
-                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
-                        && !user.name.starts_with('-');
-                    if !valid {
-                        return fail(
-                            &format!("name: {}", user.name),
-                            format!("{what}: `{}` is not a valid user name", user.name),
-                        );
-                    }
-                }
-            }
             _ => {}
         }
     }
@@ -245,7 +210,7 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
         let what = format!("test {}", i + 1);
         match test {
             Test::File(f) => {
-                if !inside_image(&f.path) {
+                if !super::model::inside_image(&f.path) {
                     return fail(
                         &f.path,
                         format!("{what}: path `{}` is not an absolute path without `..`", f.path),
@@ -270,9 +235,4 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
         }
     }
     Ok(())
-}
-
-/// Whether `path` names a place in the image: absolute, never climbing out with `..`.
-fn inside_image(path: &str) -> bool {
-    path.starts_with('/') && !path.split('/').any(|c| c == "..")
 }

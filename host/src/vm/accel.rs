@@ -20,6 +20,14 @@ impl Accel {
         }
     }
 
+    /// How logs name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "KVM",
+            Accel::Tcg => "TCG",
+        }
+    }
+
     /// What to try first for `arch`, with the reason when it is not KVM.
     pub fn choose(arch: Arch) -> (Accel, Option<String>) {
         if Arch::host() != Some(arch) {

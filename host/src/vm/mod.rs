@@ -7,6 +7,7 @@
 
 mod accel;
 mod console;
+pub mod qemu;
 mod qmp;
 pub mod vsock;
 
@@ -17,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 pub struct VmConfig {
     pub arch: Arch,
@@ -83,14 +84,15 @@ impl Vm {
     async fn launch(config: &VmConfig, dir: &Path, transport: &vsock::Transport) -> Result<(Child, console::Console)> {
         let arch = config.arch;
         let console = console::Console::new(dir.join("console.log"));
-        let mem = format!("{}M", config.memory_mib);
-        let mut cmd = Command::new(arch.qemu_binary());
-        cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-            .args(arch.machine_args(config.accel == Accel::Kvm))
-            .args(["-accel", config.accel.qemu_arg()])
-            .args(["-m", &mem, "-smp", &config.cpus.to_string()])
-            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
-            .arg("-kernel")
+        let qemu = qemu::Qemu {
+            arch,
+            accel: config.accel,
+            memory_mib: config.memory_mib,
+            cpus: config.cpus,
+            boot: qemu::Boot::DirectKernel,
+        };
+        let mut cmd = qemu.command();
+        cmd.arg("-kernel")
             .arg(&config.kernel)
             .arg("-initrd")
             .arg(&config.initrd)
@@ -113,23 +115,12 @@ impl Vm {
             ])
             .args(transport.qemu_args());
         for (i, disk) in config.disks.iter().enumerate() {
-            let format = disk_format(disk)?;
-            let mut spec = std::ffi::OsString::from("file=");
-            spec.push(escape_option(disk));
-            spec.push(format!(
-                ",format={format},if=none,id=disk{i},cache=unsafe,discard=unmap"
-            ));
+            let spec = qemu::drive(disk, &format!("if=none,id=disk{i},cache=unsafe,discard=unmap"))?;
             cmd.arg("-drive").arg(spec);
             cmd.args(["-device", &format!("virtio-blk-pci,drive=disk{i},serial=disk{i}")]);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        tracing::debug!("starting {:?}", cmd.as_std());
-        let mut qemu = cmd
-            .spawn()
-            .with_context(|| format!("cannot run {} (see `imgvm doctor`)", arch.qemu_binary()))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut qemu = qemu.spawn(&mut cmd)?;
         // qemu answers QMP only once the machine is built, so a running QMP means the
         // command line was accepted; an early exit carries qemu's reason on stderr.
         let stderr = qemu.stderr.take();
@@ -201,30 +192,4 @@ impl Drop for Vm {
             task.abort();
         }
     }
-}
-
-/// qcow2 and vmdk files are recognised by their magic; everything else (fixed VHDs
-/// included: a footer after raw data) is attached raw.
-pub(crate) fn disk_format(path: &Path) -> Result<&'static str> {
-    let mut magic = [0u8; 4];
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open disk {}", path.display()))?;
-    let n = std::io::Read::read(&mut file, &mut magic)?;
-    Ok(match &magic[..n] {
-        b"QFI\xfb" => "qcow2",
-        b"KDMV" => "vmdk",
-        _ => "raw",
-    })
-}
-
-/// qemu's option syntax uses commas as separators; a literal comma is doubled.
-pub(crate) fn escape_option(path: &Path) -> std::ffi::OsString {
-    use std::os::unix::ffi::{OsStrExt, OsStringExt};
-    let mut out = Vec::new();
-    for &b in path.as_os_str().as_bytes() {
-        out.push(b);
-        if b == b',' {
-            out.push(b',');
-        }
-    }
-    std::ffi::OsString::from_vec(out)
 }

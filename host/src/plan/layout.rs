@@ -61,3 +61,49 @@ fn type_code(kind: PartitionKind, arch: Arch, gpt: bool) -> &'static str {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_partitions_have_each_architectures_discoverable_type() {
+        // The Discoverable Partitions Specification's root types, as Debian's images use.
+        let root = |arch| type_code(PartitionKind::Root, arch, true);
+        assert_eq!(root(Arch::Amd64), "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709");
+        assert_eq!(root(Arch::Arm64), "B921B045-1DF0-41C3-AF44-4C6F280D3FAE");
+        assert_eq!(root(Arch::Ppc64el), "C31C45E6-3F39-412E-80FB-4809C4980599");
+    }
+
+    #[test]
+    fn boot_partitions_are_the_same_on_every_architecture() {
+        for arch in Arch::ALL {
+            assert_eq!(
+                type_code(PartitionKind::Esp, arch, true),
+                "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+            );
+            assert_eq!(
+                type_code(PartitionKind::BiosBoot, arch, true),
+                "21686148-6449-6E6F-744E-656564454649"
+            );
+            assert_eq!(
+                type_code(PartitionKind::Prep, arch, true),
+                "9E1A2D38-C612-4316-AA26-8B49521E5A8B"
+            );
+        }
+    }
+
+    #[test]
+    fn msdos_tables_use_type_bytes() {
+        let mbr = |kind| type_code(kind, Arch::Amd64, false);
+        assert_eq!(
+            [
+                mbr(PartitionKind::Esp),
+                mbr(PartitionKind::Prep),
+                mbr(PartitionKind::Swap),
+                mbr(PartitionKind::Root)
+            ],
+            ["ef", "41", "82", "83"]
+        );
+    }
+}

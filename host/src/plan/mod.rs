@@ -1,34 +1,92 @@
 //! A recipe as the operations the helper VM carries out, grouped into the phases the user
 //! sees (one per step). Everything recipe-specific is decided here, before any VM starts:
 //! devices, partition types, grub targets, fstab keys.
+//!
+//! Planning is a pure function of the loaded recipe (whose host facts, such as what a
+//! `copy` source is, were read while loading): it reads no file and starts nothing, so
+//! `imgvm build --dry-run` shows exactly what a build will do, and the golden plans in
+//! `host/tests/golden/` show every change to planning as a diff.
 
-use super::layout::{device, numbered, partition_specs, DISK};
+mod layout;
+
 use crate::arch::Arch;
-use crate::recipe::{self, Filesystem, FstabKey, PartitionKind, Recipe, Step, TableKind};
+use crate::recipe::{self, Filesystem, FstabKey, HostSource, PartitionKind, Recipe, Step, TableKind};
 use imgvm_protocol::{self as proto, ImageOp};
-use std::path::PathBuf;
+use layout::{device, numbered, partition_specs, DISK};
+use serde::Serialize;
 
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub recipe: String,
+    pub arch: Arch,
+    pub phases: Vec<Phase>,
+}
+
+#[derive(Debug, Serialize)]
 pub struct Phase {
     pub label: String,
     pub actions: Vec<Action>,
 }
 
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Action {
     Op(ImageOp),
-    /// An operation whose input stream is these bytes (a file's content).
-    Feed(ImageOp, Vec<u8>),
+    /// An operation whose input stream is this text (a file's content).
+    Feed {
+        op: ImageOp,
+        content: String,
+    },
     /// An operation whose input stream is a host file, or a host directory as a tar stream.
-    Stream(ImageOp, PathBuf),
+    Stream {
+        op: ImageOp,
+        source: HostSource,
+    },
     /// Record the installed packages for the manifest.
     ListPackages,
-    /// Run the offline checks (named for reports) on the finished tree.
-    Checks(Vec<(String, proto::Check)>),
+    /// Run the offline checks on the finished tree.
+    Checks(Vec<NamedCheck>),
     /// Copy the finished tree out as the rootfs tarball.
     RootfsTarball,
 }
 
+/// An offline check with the name reports give it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NamedCheck {
+    pub name: String,
+    pub check: proto::Check,
+}
+
+impl Action {
+    /// One line for `--dry-run`.
+    pub fn describe(&self) -> String {
+        match self {
+            Action::Op(op) => op.describe(),
+            Action::Feed { op, content } => format!("{} ({} bytes)", op.describe(), content.len()),
+            Action::Stream { op, source } => format!("{} (from {})", op.describe(), source.path.display()),
+            Action::ListPackages => "list installed packages".into(),
+            Action::Checks(checks) => format!("{} offline checks", checks.len()),
+            Action::RootfsTarball => "copy the tree out as rootfs.tar".into(),
+        }
+    }
+}
+
+impl Plan {
+    /// What `--dry-run` prints: each phase, then its operations.
+    pub fn text(&self) -> String {
+        let mut out = format!("{} for {}\n", self.recipe, self.arch);
+        for phase in &self.phases {
+            out.push_str(&format!("{}\n", phase.label));
+            for action in &phase.actions {
+                out.push_str(&format!("  - {}\n", action.describe()));
+            }
+        }
+        out
+    }
+}
+
 /// With `test`, the recipe's offline checks run on the finished tree.
-pub fn plan(recipe: &Recipe, test: bool) -> Vec<Phase> {
+pub fn plan(recipe: &Recipe, test: bool) -> Plan {
     let mut phases = vec![Phase {
         label: "partition and format".into(),
         actions: prepare_disk(recipe),
@@ -40,7 +98,11 @@ pub fn plan(recipe: &Recipe, test: bool) -> Vec<Phase> {
             actions: step_actions(recipe, step, test),
         });
     }
-    phases
+    Plan {
+        recipe: recipe.name.clone(),
+        arch: recipe.arch,
+        phases,
+    }
 }
 
 /// The device of partition `number`: the whole disk when there is no partition table.
@@ -62,48 +124,43 @@ fn mounts(recipe: &Recipe) -> Vec<(String, String)> {
     out
 }
 
-fn filesystem(fs: Filesystem) -> proto::Filesystem {
-    match fs {
-        Filesystem::Ext4 => proto::Filesystem::Ext4,
-        Filesystem::Xfs => proto::Filesystem::Xfs,
-        Filesystem::Btrfs => proto::Filesystem::Btrfs,
-        Filesystem::Vfat => proto::Filesystem::Vfat,
-        Filesystem::Swap => proto::Filesystem::Swap,
-    }
-}
-
 fn prepare_disk(recipe: &Recipe) -> Vec<Action> {
     let table = match recipe.table {
         TableKind::Gpt => Some(proto::Table::Gpt),
         TableKind::Msdos => Some(proto::Table::Msdos),
         TableKind::None => None,
     };
-    let mut actions = vec![Action::Op(ImageOp::Partition {
-        disk: DISK.into(),
-        table,
-        partitions: partition_specs(recipe),
-    })];
+    let mut actions = vec![Action::Op(
+        proto::Partition {
+            disk: DISK.into(),
+            table,
+            partitions: partition_specs(recipe),
+        }
+        .into(),
+    )];
     for (number, part) in numbered(recipe) {
         let Some(fs) = part.filesystem else { continue };
         actions.push(Action::Op(ImageOp::Mkfs(proto::Mkfs {
             device: partition_device(recipe, number),
-            filesystem: filesystem(fs),
+            filesystem: fs,
             label: part.label.clone(),
             uuid: part.uuid.clone(),
             options: part.mkfs_options.clone(),
         })));
     }
     let (device, path) = mounts(recipe).swap_remove(0);
-    actions.push(Action::Op(ImageOp::Mount { device, path }));
+    actions.push(Action::Op(proto::Mount { device, path }.into()));
     actions
 }
 
 fn step_actions(recipe: &Recipe, step: &Step, test: bool) -> Vec<Action> {
-    let op = |op| vec![Action::Op(op)];
+    fn op(op: impl Into<ImageOp>) -> Vec<Action> {
+        vec![Action::Op(op.into())]
+    }
     match step {
         Step::Bootstrap(b) => {
             // mmdebstrap's variant names are the recipe's.
-            let variant = format!("{:?}", b.variant).to_lowercase();
+            let variant = b.variant.name().to_owned();
             let mut actions = vec![Action::Op(ImageOp::Bootstrap(proto::Bootstrap {
                 suite: recipe.suite.clone(),
                 variant,
@@ -111,54 +168,55 @@ fn step_actions(recipe: &Recipe, step: &Step, test: bool) -> Vec<Action> {
                 mirror: recipe.mirror.clone(),
                 components: recipe.components.clone(),
                 include: recipe.packages.clone(),
-                keyring: crate::archive::KEYRING.to_vec(),
+                keyring: proto::Bytes(crate::archive::KEYRING.to_vec()),
             }))];
             // The other filesystems go in once the tree exists (mmdebstrap wants an
             // empty directory).
             for (device, path) in mounts(recipe).into_iter().skip(1) {
-                actions.push(Action::Op(ImageOp::Mount { device, path }));
+                actions.push(Action::Op(proto::Mount { device, path }.into()));
             }
-            actions.push(Action::Op(ImageOp::EnterChroot {
-                source: proto::AptSource {
-                    mirror: recipe.mirror.clone(),
-                    suite: recipe.suite.clone(),
-                    components: recipe.components.clone(),
-                },
-            }));
+            actions.push(Action::Op(
+                proto::EnterChroot {
+                    source: proto::AptSource {
+                        mirror: recipe.mirror.clone(),
+                        suite: recipe.suite.clone(),
+                        components: recipe.components.clone(),
+                    },
+                }
+                .into(),
+            ));
             actions
         }
-        Step::Apt(apt) => op(ImageOp::Apt(proto::Apt {
-            install: apt.install.clone(),
-            remove: apt.remove.clone(),
-            purge: apt.purge.clone(),
-            upgrade: apt.upgrade,
-            recommends: apt.recommends,
-        })),
-        Step::File(file) => vec![Action::Feed(
-            ImageOp::WriteFile {
+        Step::Apt(apt) => op(apt.clone()),
+        Step::Debconf(answers) => op(answers.clone()),
+        Step::File(file) => vec![Action::Feed {
+            op: proto::WriteFile {
                 path: file.path.clone(),
                 mode: file.mode.0,
                 owner: file.owner.clone(),
-            },
-            file.content.clone().into_bytes(),
-        )],
+            }
+            .into(),
+            content: file.content.clone(),
+        }],
         Step::Copy(copy) => {
-            let from = recipe.dir().join(&copy.from);
-            let op = if from.is_dir() {
-                ImageOp::Unpack {
+            let source = copy
+                .source
+                .clone()
+                .expect("copy sources are read while loading the recipe");
+            let op = match source.kind {
+                recipe::SourceKind::Directory { .. } => proto::Unpack {
                     path: copy.to.clone(),
                     owner: copy.owner.clone(),
                 }
-            } else {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = std::fs::metadata(&from).map_or(0o644, |m| m.permissions().mode() & 0o7777);
-                ImageOp::WriteFile {
+                .into(),
+                recipe::SourceKind::File { mode, .. } => proto::WriteFile {
                     path: copy.to.clone(),
                     mode,
                     owner: copy.owner.clone(),
                 }
+                .into(),
             };
-            vec![Action::Stream(op, from)]
+            vec![Action::Stream { op, source }]
         }
         Step::Run(run) => {
             let script = match (&run.script, &run.command) {
@@ -166,51 +224,26 @@ fn step_actions(recipe: &Recipe, step: &Step, test: bool) -> Vec<Action> {
                 (_, Some(argv)) => argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "),
                 (None, None) => unreachable!("validated: script or command"),
             };
-            op(ImageOp::Script {
+            op(proto::Script {
                 script,
                 env: run.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 chroot: run.chroot,
             })
         }
-        Step::Users(users) => op(ImageOp::Users(
-            users
-                .iter()
-                .map(|u| proto::User {
-                    name: u.name.clone(),
-                    groups: u.groups.clone(),
-                    shell: u.shell.clone(),
-                    ssh_keys: u.ssh_keys.clone(),
-                    sudo: u.sudo,
-                })
-                .collect(),
-        )),
-        Step::Hostname(name) => op(ImageOp::Hostname(name.clone())),
-        Step::Locale(lang) => op(ImageOp::Locale(lang.clone())),
-        Step::Timezone(zone) => op(ImageOp::Timezone(zone.clone())),
-        Step::AptSources(sources) => op(ImageOp::AptSources(proto::AptSources {
+        Step::Users(users) => op(proto::Users(users.clone())),
+        Step::Hostname(name) => op(proto::Hostname(name.clone())),
+        Step::Locale(lang) => op(proto::Locale(lang.clone())),
+        Step::Timezone(zone) => op(proto::Timezone(zone.clone())),
+        Step::AptSources(sources) => op(proto::AptSources {
             name: sources.name.clone(),
             deb822: sources.format == recipe::SourcesFormat::Deb822,
-            entries: sources
-                .entries
-                .iter()
-                .map(|e| proto::SourceEntry {
-                    types: e.types.clone(),
-                    uris: e.uris.clone(),
-                    suites: e.suites.clone(),
-                    components: e.components.clone(),
-                    signed_by: e.signed_by.clone(),
-                })
-                .collect(),
-        })),
-        Step::Services(s) => op(ImageOp::Services(proto::Services {
-            enable: s.enable.clone(),
-            disable: s.disable.clone(),
-            mask: s.mask.clone(),
-        })),
-        Step::Fstab(fstab) => op(ImageOp::Fstab(fstab_entries(recipe, fstab.by))),
-        Step::Bootloader(boot) => op(ImageOp::Bootloader(bootloader(recipe, boot))),
+            entries: sources.entries.clone(),
+        }),
+        Step::Services(services) => op(services.clone()),
+        Step::Fstab(fstab) => op(proto::Fstab(fstab_entries(recipe, fstab.by))),
+        Step::Bootloader(boot) => op(bootloader(recipe, boot)),
         Step::Finalize(finalize) => {
-            let mut actions = vec![Action::Op(ImageOp::Clean), Action::ListPackages];
+            let mut actions = vec![Action::Op(proto::Clean.into()), Action::ListPackages];
             if test && !recipe.tests.is_empty() {
                 actions.push(Action::Checks(checks(recipe)));
             }
@@ -218,7 +251,7 @@ fn step_actions(recipe: &Recipe, step: &Step, test: bool) -> Vec<Action> {
             if recipe.outputs.contains(&recipe::OutputFormat::Rootfs) {
                 actions.push(Action::RootfsTarball);
             }
-            actions.push(Action::Op(ImageOp::Unmount { trim: finalize.trim }));
+            actions.push(Action::Op(proto::Unmount { trim: finalize.trim }.into()));
             actions
         }
     }
@@ -231,11 +264,9 @@ fn shell_quote(s: &str) -> String {
 
 fn fstab_entries(recipe: &Recipe, by: FstabKey) -> Vec<proto::FstabEntry> {
     let key = match by {
-        FstabKey::Uuid => proto::FstabKey::Uuid,
         // Without a partition table there is no PARTUUID.
-        FstabKey::Partuuid if recipe.table == TableKind::None => proto::FstabKey::Uuid,
-        FstabKey::Partuuid => proto::FstabKey::Partuuid,
-        FstabKey::Label => proto::FstabKey::Label,
+        FstabKey::Partuuid if recipe.table == TableKind::None => FstabKey::Uuid,
+        key => key,
     };
     let mut entries: Vec<proto::FstabEntry> = numbered(recipe)
         .into_iter()
@@ -255,7 +286,7 @@ fn fstab_entries(recipe: &Recipe, by: FstabKey) -> Vec<proto::FstabEntry> {
                 device: partition_device(recipe, number),
                 key,
                 mount,
-                filesystem: filesystem(fs),
+                filesystem: fs,
                 options: part.options.clone().unwrap_or_else(|| "defaults".into()),
                 pass,
             })
@@ -267,10 +298,11 @@ fn fstab_entries(recipe: &Recipe, by: FstabKey) -> Vec<proto::FstabEntry> {
 }
 
 fn bootloader(recipe: &Recipe, boot: &recipe::Bootloader) -> proto::Bootloader {
+    // The serial console the helper VM and the boot tests read, at the speed GRUB's
+    // serial terminal uses on PCs.
     let console = match recipe.arch {
-        Arch::Amd64 => "console=ttyS0,115200",
-        Arch::Arm64 => "console=ttyAMA0",
-        Arch::Ppc64el => "console=hvc0",
+        Arch::Amd64 => format!("console={},115200", recipe.arch.console()),
+        arch => format!("console={}", arch.console()),
     };
     let has = |kind| recipe.partitions.iter().any(|p| p.kind == kind);
     let mut installs = Vec::new();
@@ -306,7 +338,7 @@ fn bootloader(recipe: &Recipe, boot: &recipe::Bootloader) -> proto::Bootloader {
 
 /// The recipe's `tests:` as the agent's checks, each with the name reports give it. A
 /// file with several expectations becomes one check per expectation.
-pub fn checks(recipe: &Recipe) -> Vec<(String, proto::Check)> {
+pub fn checks(recipe: &Recipe) -> Vec<NamedCheck> {
     let mut out = Vec::new();
     for test in &recipe.tests {
         match test {
@@ -343,30 +375,30 @@ pub fn checks(recipe: &Recipe) -> Vec<(String, proto::Check)> {
                         proto::FileExpect::Mode(_) => "mode".to_owned(),
                         proto::FileExpect::Owner(_) => "owner".to_owned(),
                     };
-                    out.push((
-                        format!("file {} {what}", f.path),
-                        proto::Check::File {
+                    out.push(NamedCheck {
+                        name: format!("file {} {what}", f.path),
+                        check: proto::Check::File {
                             path: f.path.clone(),
                             expect,
                         },
-                    ));
+                    });
                 }
             }
-            recipe::Test::Package(p) => out.push((
-                format!("package {}", p.name),
-                proto::Check::Package {
+            recipe::Test::Package(p) => out.push(NamedCheck {
+                name: format!("package {}", p.name),
+                check: proto::Check::Package {
                     name: p.name.clone(),
                     version: p.version.clone(),
                 },
-            )),
-            recipe::Test::Service(name) => out.push((
-                format!("service {name} enabled"),
-                proto::Check::ServiceEnabled { name: name.clone() },
-            )),
-            recipe::Test::Command(c) => out.push((
-                format!("command: {}", c.name),
-                proto::Check::Command { script: c.run.clone() },
-            )),
+            }),
+            recipe::Test::Service(name) => out.push(NamedCheck {
+                name: format!("service {name} enabled"),
+                check: proto::Check::ServiceEnabled { name: name.clone() },
+            }),
+            recipe::Test::Command(c) => out.push(NamedCheck {
+                name: format!("command: {}", c.name),
+                check: proto::Check::Command { script: c.run.clone() },
+            }),
         }
     }
     out

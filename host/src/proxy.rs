@@ -16,6 +16,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 /// Longest request head accepted from the guest.
 const MAX_HEAD: usize = 16 * 1024;
 
+/// How long a connection may wait for its next request.
+const IDLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub struct Proxy {
     allowed: Vec<String>,
     fetcher: Fetcher,
@@ -60,7 +63,10 @@ impl Proxy {
     pub async fn serve(self: Arc<Self>, reader: impl AsyncRead + Unpin, mut writer: impl AsyncWrite + Unpin) {
         let mut reader = BufReader::new(reader);
         loop {
-            let head = match read_head(&mut reader).await {
+            let Ok(head) = tokio::time::timeout(IDLE_LIMIT, read_head(&mut reader)).await else {
+                return;
+            };
+            let head = match head {
                 Ok(Some(head)) => head,
                 Ok(None) => return,
                 Err(e) => {
@@ -79,7 +85,7 @@ impl Proxy {
         if head.method != "GET" && head.method != "HEAD" {
             return respond(writer, 405, "only GET and HEAD", head.close).await;
         }
-        if !self.allowed.iter().any(|prefix| head.url.starts_with(prefix.as_str())) || head.url.contains("/../") {
+        if !self.allowed(&head.url) {
             tracing::warn!("package proxy: refused {} (not under an allowed mirror)", head.url);
             return respond(writer, 403, "not under an allowed mirror", head.close).await;
         }
@@ -105,6 +111,25 @@ impl Proxy {
             tokio::io::copy(&mut source, writer).await?;
         }
         writer.flush().await
+    }
+
+    /// Whether `url` names a file under an allowed mirror: after the mirror's prefix, only
+    /// plain path segments (percent-escapes decoded first, as the mirror's server would),
+    /// never `.`, `..`, an escaped slash, a query or a fragment.
+    fn allowed(&self, url: &str) -> bool {
+        let Some(rest) = self.allowed.iter().find_map(|prefix| url.strip_prefix(prefix.as_str())) else {
+            return false;
+        };
+        rest.split('/').all(|segment| {
+            let Some(decoded) = percent_decode(segment) else {
+                return false;
+            };
+            decoded != "."
+                && decoded != ".."
+                && decoded
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._~+-:@=,".contains(c))
+        })
     }
 
     /// The body of `url`: from the cache, or fetched (and cached when immutable).
@@ -133,6 +158,24 @@ impl Proxy {
     }
 }
 
+/// `%XX` escapes decoded; `None` for a malformed escape or bytes that are not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 enum Body {
     Cached(PathBuf),
     /// Removed once served.
@@ -159,7 +202,12 @@ async fn read_head(reader: &mut (impl AsyncBufReadExt + Unpin)) -> Result<Option
     let mut total = 0;
     loop {
         let mut line = String::new();
-        let n = reader.read_line(&mut line).await.map_err(|e| e.to_string())?;
+        // Never more than the head's remaining room, newline or not.
+        let room = (MAX_HEAD + 1 - total) as u64;
+        let n = tokio::io::AsyncReadExt::take(&mut *reader, room)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
         if n == 0 {
             return if lines.is_empty() {
                 Ok(None)
@@ -245,11 +293,59 @@ mod tests {
             "http://127.0.0.1:8080/secret",
             "http://deb.debian.org/debian-evil/x",
             "http://deb.debian.org/debian/../etc",
+            "http://deb.debian.org/debian/..",
+            "http://deb.debian.org/debian/pool/../../x",
+            "http://deb.debian.org/debian/%2e%2e/x",
+            "http://deb.debian.org/debian/pool/%2E%2e",
+            "http://deb.debian.org/debian/a%2fb",
+            "http://deb.debian.org/debian/./dists",
+            "http://deb.debian.org/debian/dists?x=1",
+            "http://deb.debian.org/debian/dists#x",
         ] {
             let request = format!("GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
             let out = exchange(proxy.clone(), &request).await;
             assert!(out.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{url}: {out}");
         }
+    }
+
+    #[test]
+    fn percent_encoded_names_of_the_archive_are_allowed() {
+        let proxy = Proxy::new(&["http://deb.debian.org/debian".into()], Fetcher::default());
+        assert!(proxy.allowed("http://deb.debian.org/debian/pool/main/f/foo/foo_1%3a2.0-1_amd64.deb"));
+        assert!(proxy.allowed("http://deb.debian.org/debian/dists/trixie/main/binary-amd64/by-hash/SHA256/ab12"));
+    }
+
+    #[tokio::test]
+    async fn an_endless_request_line_is_cut_off_at_the_head_limit() {
+        let proxy = Proxy::new(&["http://deb.debian.org/debian".into()], Fetcher::default());
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (server_r, server_w) = tokio::io::split(server);
+        let task = tokio::spawn(proxy.serve(server_r, server_w));
+        let (mut client_r, mut client_w) = tokio::io::split(client);
+        // More than the limit, no newline, and the connection stays open.
+        let endless = format!("GET {}", "a".repeat(MAX_HEAD + 100));
+        client_w.write_all(endless.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        let read = tokio::io::AsyncReadExt::read_to_string(&mut client_r, &mut out);
+        tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("the proxy waited for a newline")
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+        assert!(out.contains("request head too large"), "{out}");
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed() {
+        let proxy = Proxy::new(&["http://deb.debian.org/debian".into()], Fetcher::default());
+        let (client, server) = tokio::io::duplex(1024);
+        let (server_r, server_w) = tokio::io::split(server);
+        let task = tokio::spawn(proxy.serve(server_r, server_w));
+        // A guest that opens a connection and says nothing does not hold it for ever.
+        tokio::time::sleep(IDLE_LIMIT + std::time::Duration::from_secs(1)).await;
+        assert!(task.is_finished(), "the connection is still served");
+        drop(client);
     }
 
     #[tokio::test]

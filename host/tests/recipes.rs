@@ -380,3 +380,20 @@ fn debconf_answers_are_checked() {
          (string, password, boolean, select, multiselect, note, text, title, error)"
     );
 }
+
+#[test]
+fn names_are_file_names() {
+    // The name becomes the output files' names: it must not lead out of `-o`.
+    for bad in ["../../x", "/tmp/x", "a/b", ".hidden", "-x", "a b", ""] {
+        let recipe = BASE.replace("name: test", &format!("name: '{bad}'"));
+        assert_eq!(
+            error(&recipe, Arch::Amd64),
+            format!(
+                "DIR/r.yaml:1:1: name `{bad}` is not a file name: use letters, digits, `.`, `_` and `-`, \
+                 not starting with `.` or `-`"
+            ),
+        );
+    }
+    let ok = BASE.replace("name: test", "name: debian-13_generic.v2");
+    load(&[("r.yaml", &ok)], Arch::Amd64).1.unwrap();
+}

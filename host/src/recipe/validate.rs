@@ -19,6 +19,20 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
     let arch = recipe.arch;
     let parts = &recipe.partitions;
 
+    // Output files are named after the recipe: a name must not lead out of `-o`.
+    let name = &recipe.name;
+    let file_name = !name.is_empty()
+        && !name.starts_with(['.', '-'])
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !file_name {
+        return fail(
+            "name:",
+            format!(
+                "name `{name}` is not a file name: use letters, digits, `.`, `_` and `-`, not starting with `.` or `-`"
+            ),
+        );
+    }
+
     if recipe.table == TableKind::None {
         if parts.len() != 1 {
             return fail(

@@ -15,6 +15,9 @@ use std::time::Duration;
 /// Grace between SIGTERM and SIGKILL when a command is cancelled.
 const KILL_GRACE: Duration = Duration::from_secs(3);
 
+/// How long output may still arrive after a program and what it left were killed.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
 pub enum Input {
     Null,
     /// The request's data stream.
@@ -93,11 +96,20 @@ pub fn run(job: &Job, program: &Program, input: Input, capture: bool) -> Result<
         }
     }
     let tx = job.tx.clone();
+    let root = job.root.clone();
     std::thread::spawn(move || {
         let status = reaper::wait(pid);
-        // Output threads end when the pipes close; join them so all output precedes Done.
+        // A step is over when its program is: whatever it left running (a daemon a
+        // maintainer script started, `cmd &` in a run step) would hold its output pipes,
+        // the image's mounts and the build for ever.
+        kill_leftovers(pid, &root);
+        // Output threads end when the pipes close; wait for them so all output precedes
+        // Done, but not for a writer that escaped both the group and the image.
+        let deadline = std::time::Instant::now() + DRAIN_LIMIT;
         for handle in [out, err].into_iter().flatten() {
-            let _ = handle.join();
+            while !handle.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         let _ = tx.send(Inbound::Exited(status));
     });
@@ -169,6 +181,30 @@ pub fn spawn(job: &Job, program: &Program, stdin: Stdio) -> Result<std::process:
     })
 }
 
+/// Kills what a finished program left behind: the rest of its process group and, for a
+/// program in the image (`root` other than `/`), every process whose root directory is
+/// the image, wherever it moved itself (a daemon's `setsid`).
+fn kill_leftovers(pid: i32, root: &str) {
+    // SAFETY: kill(2) with a negative pid signals a process group; ESRCH when empty.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    if root == "/" {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(other) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let in_image =
+            std::fs::read_link(entry.path().join("root")).is_ok_and(|r| r.starts_with(root) && r.as_os_str() != "/");
+        if in_image {
+            unsafe { libc::kill(other, libc::SIGKILL) };
+        }
+    }
+}
+
 /// SIGTERM to the whole process group, SIGKILL after a grace period.
 pub fn kill_group(pid: i32) {
     // SAFETY: kill(2) with a negative pid signals a process group.
@@ -237,6 +273,49 @@ fn read_line(reader: &mut impl BufRead) -> io::Result<Option<Vec<u8>>> {
         reader.consume(n);
         if line.len() == MAX_LINE_LEN {
             return Ok(Some(line));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_program_that_leaves_a_background_process_still_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::job::with_test_job(dir.path(), |job| {
+            let started = Instant::now();
+            // The background sleep keeps stdout open: without the leftovers killed, the
+            // step would wait for it for as long as it runs.
+            let program = Program::new(&["sh", "-c", "sleep 600 & echo started"]);
+            let out = run(job, &program, Input::Null, true).unwrap();
+            assert_eq!(out, b"started\n");
+            // Killed at once, not waited for until the drain limit.
+            assert!(started.elapsed() < DRAIN_LIMIT / 2, "{:?}", started.elapsed());
+        });
+    }
+
+    #[test]
+    fn a_program_whose_leftover_escaped_its_group_ends_within_the_drain_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        crate::job::with_test_job(dir.path(), |job| {
+            let started = Instant::now();
+            let script = format!(
+                "setsid sh -c 'echo $$ > {}; exec sleep 600' & sleep 0.2",
+                pid_file.display()
+            );
+            run(job, &Program::new(&["sh", "-c", &script]), Input::Null, false).unwrap();
+            assert!(
+                started.elapsed() < DRAIN_LIMIT + Duration::from_secs(5),
+                "{:?}",
+                started.elapsed()
+            );
+        });
+        if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+            unsafe { libc::kill(pid.trim().parse().unwrap(), libc::SIGKILL) };
         }
     }
 }

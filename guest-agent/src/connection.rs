@@ -5,8 +5,8 @@
 use crate::job::{Inbound, Job};
 use crate::ops;
 use imgvm_protocol::{
-    blocking, encode, GuestMessage, Handshake, HostMessage, RequestId, AGENT_PORT, HOST_CID, PROTOCOL_VERSION,
-    UPLINK_WINDOW,
+    blocking, encode, encode_payload, ErrorKind, GuestMessage, Handshake, HostMessage, OperationError, Outcome,
+    RequestId, AGENT_PORT, CHUNK_LEN, HOST_CID, MAX_REPLY_LEN, PROTOCOL_VERSION, UPLINK_WINDOW,
 };
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -57,12 +57,51 @@ impl Writer {
         Ok(())
     }
 
+    /// Ends request `id` with `result`: in one `Done` frame when it fits a data chunk,
+    /// otherwise in `ReplyPart` pieces that the uplink window paces like any data. A
+    /// result that cannot be encoded (over [`MAX_REPLY_LEN`]) still ends the request, as
+    /// an error that says so: the host never waits for a reply that was dropped.
+    pub fn finish(&self, id: RequestId, operation: &str, result: Result<Outcome, OperationError>) -> io::Result<()> {
+        let encoded = match encode_payload(&result) {
+            Ok(bytes) if bytes.len() <= MAX_REPLY_LEN => bytes,
+            Ok(bytes) => {
+                let why = format!("{} bytes, over the limit of {MAX_REPLY_LEN}", bytes.len());
+                return self.send(&done_unencodable(id, operation, why));
+            }
+            Err(e) => return self.send(&done_unencodable(id, operation, e.to_string())),
+        };
+        if encoded.len() <= CHUNK_LEN {
+            return self.send(&GuestMessage::Done { id, result });
+        }
+        for chunk in encoded.chunks(CHUNK_LEN) {
+            self.send(&GuestMessage::ReplyPart {
+                id,
+                chunk: chunk.to_vec(),
+            })?;
+        }
+        self.send(&GuestMessage::ReplyEnd { id })
+    }
+
     /// Called by the reader for each [`HostMessage::Ack`]; never blocks.
     fn ack(&self, bytes: u64) {
         let (lock, acked) = &*self.0;
         let mut uplink = lock.lock().unwrap_or_else(|e| e.into_inner());
         uplink.unacked = uplink.unacked.saturating_sub(bytes);
         acked.notify_all();
+    }
+}
+
+fn done_unencodable(id: RequestId, operation: &str, why: String) -> GuestMessage {
+    GuestMessage::Done {
+        id,
+        result: Err(OperationError {
+            operation: operation.to_owned(),
+            kind: ErrorKind::Io,
+            message: format!("the agent could not encode its reply: {why}"),
+            errno: None,
+            exit_code: None,
+            stderr_tail: Vec::new(),
+        }),
     }
 }
 
@@ -134,7 +173,7 @@ fn start(id: RequestId, operation: imgvm_protocol::Operation, routes: &Routes, w
                 writer.clone(),
                 Err(ops::invalid(&operation, format!("request id {id} is already in use"))),
             );
-            std::thread::spawn(move || writer.send(&GuestMessage::Done { id, result }));
+            std::thread::spawn(move || writer.finish(id, "request", result));
             return;
         }
         routes.insert(id, tx.clone());
@@ -150,9 +189,10 @@ fn start(id: RequestId, operation: imgvm_protocol::Operation, routes: &Routes, w
             rx,
             writer: &writer,
         };
+        let name = job.name.clone();
         let result = ops::execute(&job, operation);
         routes.lock().unwrap().remove(&id);
-        let _ = writer.send(&GuestMessage::Done { id, result });
+        let _ = writer.finish(id, &name, result);
     });
 }
 
@@ -193,5 +233,117 @@ fn handshake() -> Handshake {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         machine: field(&uts.machine),
         kernel: field(&uts.release),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgvm_protocol::{decode, payload_len, ImageReply, Package, FRAME_HEADER_LEN};
+
+    /// A byte sink the test can read back, standing in for the vsock stream.
+    #[derive(Clone, Default)]
+    struct Wire(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Wire {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Every frame the writer sent, with its length on the wire.
+    fn frames(wire: &Wire) -> Vec<(GuestMessage, usize)> {
+        let bytes = wire.0.lock().unwrap().clone();
+        let mut out = Vec::new();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let len = payload_len(rest[..FRAME_HEADER_LEN].try_into().unwrap()).unwrap();
+            let payload = &rest[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len];
+            out.push((decode(payload).unwrap(), FRAME_HEADER_LEN + len));
+            rest = &rest[FRAME_HEADER_LEN + len..];
+        }
+        out
+    }
+
+    /// Finishes with `result` while a host stand-in acknowledges everything it is sent.
+    fn finish(result: Result<Outcome, OperationError>) -> Vec<(GuestMessage, usize)> {
+        let wire = Wire::default();
+        let writer = Writer::new(wire.clone());
+        let acker = writer.clone();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = done.clone();
+        let host = std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                acker.ack(u64::MAX);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        writer.finish(7, "list packages", result).unwrap();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        host.join().unwrap();
+        frames(&wire)
+    }
+
+    fn packages(n: usize) -> Result<Outcome, OperationError> {
+        let package = |i| Package {
+            name: format!("package-{i}"),
+            version: "1.0-1".into(),
+            architecture: "amd64".into(),
+        };
+        Ok(Outcome::Image(ImageReply::ListPackages((0..n).map(package).collect())))
+    }
+
+    #[test]
+    fn a_small_result_is_one_done_frame() {
+        let frames = finish(packages(3));
+        assert_eq!(frames.len(), 1);
+        assert_eq!(
+            frames[0].0,
+            GuestMessage::Done {
+                id: 7,
+                result: packages(3)
+            }
+        );
+    }
+
+    #[test]
+    fn a_large_result_arrives_in_pieces_that_fit_the_window() {
+        // About 300 KB: more than the uplink window and than one frame may hold.
+        let result = packages(10_000);
+        let frames = finish(result.clone());
+        assert!(frames.len() > 2, "{} frames", frames.len());
+        let mut assembled = Vec::new();
+        for (message, len) in &frames[..frames.len() - 1] {
+            assert!(*len <= CHUNK_LEN + 64, "a frame of {len} bytes");
+            match message {
+                GuestMessage::ReplyPart { id: 7, chunk } => assembled.extend_from_slice(chunk),
+                other => panic!("expected a reply part, got {other:?}"),
+            }
+        }
+        assert_eq!(frames.last().unwrap().0, GuestMessage::ReplyEnd { id: 7 });
+        let decoded: Result<Outcome, OperationError> = decode(&assembled).unwrap();
+        assert_eq!(decoded, result);
+    }
+
+    #[test]
+    fn a_result_too_large_to_send_still_ends_the_request_with_an_error() {
+        let huge = Package {
+            name: "x".repeat(MAX_REPLY_LEN),
+            version: String::new(),
+            architecture: String::new(),
+        };
+        let frames = finish(Ok(Outcome::Image(ImageReply::ListPackages(vec![huge]))));
+        assert_eq!(frames.len(), 1);
+        match &frames[0].0 {
+            GuestMessage::Done { id: 7, result: Err(e) } => {
+                assert_eq!(e.operation, "list packages");
+                assert!(e.message.contains("could not encode its reply"), "{}", e.message);
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
     }
 }

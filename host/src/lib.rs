@@ -15,8 +15,10 @@ pub mod archive;
 pub mod boottest;
 pub mod build;
 pub mod cache;
+pub mod child;
 pub mod doctor;
 pub mod helper;
+pub mod leftovers;
 pub mod plan;
 pub mod progress;
 pub mod proxy;
@@ -24,6 +26,7 @@ pub mod recipe;
 pub mod report;
 pub mod run;
 pub mod session;
+pub mod text;
 pub mod transfer;
 pub mod vm;
 

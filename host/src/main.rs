@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use imgvm::arch::Arch;
 use imgvm::helper::HelperOptions;
 use imgvm::run::{CopySpec, RunRequest};
+use imgvm::text::printable;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -59,6 +60,9 @@ enum RecipeCmd {
         /// Print the merged recipe as JSON.
         #[arg(long)]
         json: bool,
+        #[arg(long)]
+        /// See `imgvm build --trust-recipe`.
+        trust_recipe: bool,
     },
 }
 
@@ -138,6 +142,10 @@ struct BuildArgs {
     /// With --dry-run: the plan as JSON.
     #[arg(long, requires = "dry_run")]
     json: bool,
+    /// Let the recipe copy files from outside its directory and use a mirror on this
+    /// machine or its link-local network (a local apt-cacher-ng): for recipes you wrote.
+    #[arg(long)]
+    trust_recipe: bool,
 }
 
 #[derive(clap::Args)]
@@ -198,9 +206,10 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e}");
+            // Errors quote the guest (messages, stderr tails): see imgvm::text.
+            eprintln!("error: {}", printable(&e.to_string()));
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                eprintln!("  caused by: {}", printable(&cause.to_string()));
             }
             ExitCode::FAILURE
         }
@@ -213,8 +222,13 @@ async fn dispatch(command: Cmd) -> Result<u8> {
         Cmd::Run(args) => run(args).await,
         Cmd::Build(args) => build(args).await,
         Cmd::Test(args) => test(args).await,
-        Cmd::Recipe(RecipeCmd::Check { recipe, arch, json }) => {
-            let recipe = imgvm::recipe::Recipe::load(&recipe, arch)?;
+        Cmd::Recipe(RecipeCmd::Check {
+            recipe,
+            arch,
+            json,
+            trust_recipe,
+        }) => {
+            let recipe = imgvm::recipe::Recipe::load_with(&recipe, arch, trust(trust_recipe))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&recipe)?);
             } else {
@@ -292,6 +306,14 @@ async fn run(args: RunArgs) -> Result<u8> {
     Ok(code.clamp(0, 255) as u8)
 }
 
+fn trust(trust_recipe: bool) -> imgvm::recipe::Trust {
+    if trust_recipe {
+        imgvm::recipe::Trust::Trusted
+    } else {
+        imgvm::recipe::Trust::Confined
+    }
+}
+
 async fn build(args: BuildArgs) -> Result<u8> {
     // The built-in recipe lives in a temporary directory for the duration of the build.
     let (builtin, path) = match args.recipe {
@@ -302,7 +324,7 @@ async fn build(args: BuildArgs) -> Result<u8> {
             (Some(dir), path)
         }
     };
-    let recipe = imgvm::recipe::Recipe::load(&path, args.arch)?;
+    let recipe = imgvm::recipe::Recipe::load_with(&path, args.arch, trust(args.trust_recipe))?;
     if args.dry_run {
         let plan = imgvm::plan::plan(&recipe, args.test);
         if args.json {
@@ -336,7 +358,7 @@ async fn build(args: BuildArgs) -> Result<u8> {
     tracing::info!("built in {:.0} s", report.seconds);
     let Some(tests) = &report.tests else { return Ok(0) };
     for case in tests.cases() {
-        println!("{}", case.line());
+        println!("{}", printable(&case.line()));
     }
     Ok(if tests.passed() { 0 } else { 1 })
 }
@@ -369,12 +391,12 @@ async fn test(args: TestArgs) -> Result<u8> {
             return Ok(130);
         };
         let case = result.case();
-        println!("{}", case.line());
+        println!("{}", printable(&case.line()));
         if !case.passed {
             failed = true;
             println!("      last lines of the console:");
             for line in case.details.lines() {
-                println!("      | {line}");
+                println!("      | {}", printable(line));
             }
         }
         cases.push(case);
@@ -392,7 +414,7 @@ fn write_atomically(path: &std::path::Path, content: &[u8]) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    let mut tmp = imgvm::leftovers::partial_file(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
     std::io::Write::write_all(&mut tmp, content)?;
     tmp.persist(path)
         .with_context(|| format!("writing {}", path.display()))?;

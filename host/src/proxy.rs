@@ -16,11 +16,16 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 /// Longest request head accepted from the guest.
 const MAX_HEAD: usize = 16 * 1024;
 
+/// Connections served at once per VM. apt opens one per mirror host; more is a guest
+/// trying to exhaust the host.
+pub const MAX_CONNECTIONS: usize = 16;
+
 /// How long a connection may wait for its next request.
 const IDLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 pub struct Proxy {
     allowed: Vec<String>,
+    connections: Arc<tokio::sync::Semaphore>,
     fetcher: Fetcher,
     cache: PathBuf,
     /// Packages fetched from the mirror, as opposed to served from the cache.
@@ -32,12 +37,15 @@ pub struct Proxy {
 impl Proxy {
     /// `mirrors` are URL prefixes such as `http://deb.debian.org/debian`.
     pub fn new(mirrors: &[String], fetcher: Fetcher) -> Arc<Proxy> {
-        let allowed = mirrors
+        let allowed: Vec<String> = mirrors
             .iter()
             .map(|m| format!("{}/", m.trim_end_matches('/')))
             .collect();
+        let prefixes = allowed.clone();
+        let fetcher = fetcher.redirecting_only_to(Arc::new(move |url: &str| under(&prefixes, url)));
         Arc::new(Proxy {
             allowed,
+            connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             fetcher,
             cache: crate::cache::dir().join("proxy"),
             debs_downloaded: AtomicU64::new(0),
@@ -59,8 +67,14 @@ impl Proxy {
         self.bytes_downloaded.load(Ordering::Relaxed)
     }
 
-    /// Serves one tunnelled connection until the guest closes it.
+    /// Serves one tunnelled connection until the guest closes it, or refuses it when
+    /// [`MAX_CONNECTIONS`] are being served.
     pub async fn serve(self: Arc<Self>, reader: impl AsyncRead + Unpin, mut writer: impl AsyncWrite + Unpin) {
+        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+            tracing::warn!("package proxy: refused a connection (already {MAX_CONNECTIONS})");
+            let _ = respond(&mut writer, 503, "too many connections", true).await;
+            return;
+        };
         let mut reader = BufReader::new(reader);
         loop {
             let Ok(head) = tokio::time::timeout(IDLE_LIMIT, read_head(&mut reader)).await else {
@@ -85,7 +99,7 @@ impl Proxy {
         if head.method != "GET" && head.method != "HEAD" {
             return respond(writer, 405, "only GET and HEAD", head.close).await;
         }
-        if !self.allowed(&head.url) {
+        if !under(&self.allowed, &head.url) {
             tracing::warn!("package proxy: refused {} (not under an allowed mirror)", head.url);
             return respond(writer, 403, "not under an allowed mirror", head.close).await;
         }
@@ -113,25 +127,6 @@ impl Proxy {
         writer.flush().await
     }
 
-    /// Whether `url` names a file under an allowed mirror: after the mirror's prefix, only
-    /// plain path segments (percent-escapes decoded first, as the mirror's server would),
-    /// never `.`, `..`, an escaped slash, a query or a fragment.
-    fn allowed(&self, url: &str) -> bool {
-        let Some(rest) = self.allowed.iter().find_map(|prefix| url.strip_prefix(prefix.as_str())) else {
-            return false;
-        };
-        rest.split('/').all(|segment| {
-            let Some(decoded) = percent_decode(segment) else {
-                return false;
-            };
-            decoded != "."
-                && decoded != ".."
-                && decoded
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._~+-:@=,".contains(c))
-        })
-    }
-
     /// The body of `url`: from the cache, or fetched (and cached when immutable).
     async fn file(&self, url: &str) -> anyhow::Result<Body> {
         let immutable = url.contains("/pool/") || url.contains("/by-hash/");
@@ -156,6 +151,26 @@ impl Proxy {
         }
         Ok(Body::Fresh(tmp))
     }
+}
+
+/// Whether `url` names a file under one of the mirror `prefixes`: after the prefix, only
+/// plain path segments (percent-escapes decoded first, as the mirror's server would),
+/// never `.`, `..`, an escaped slash, a query or a fragment. Requests and every redirect
+/// the mirror answers with are held to it.
+fn under(prefixes: &[String], url: &str) -> bool {
+    let Some(rest) = prefixes.iter().find_map(|prefix| url.strip_prefix(prefix.as_str())) else {
+        return false;
+    };
+    rest.split('/').all(|segment| {
+        let Some(decoded) = percent_decode(segment) else {
+            return false;
+        };
+        decoded != "."
+            && decoded != ".."
+            && decoded
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._~+-:@=,".contains(c))
+    })
 }
 
 /// `%XX` escapes decoded; `None` for a malformed escape or bytes that are not UTF-8.
@@ -255,6 +270,7 @@ async fn respond(
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        503 => "Service Unavailable",
         _ => "Bad Gateway",
     };
     let body = format!("imgvm package proxy: {message}\n");
@@ -311,8 +327,14 @@ mod tests {
     #[test]
     fn percent_encoded_names_of_the_archive_are_allowed() {
         let proxy = Proxy::new(&["http://deb.debian.org/debian".into()], Fetcher::default());
-        assert!(proxy.allowed("http://deb.debian.org/debian/pool/main/f/foo/foo_1%3a2.0-1_amd64.deb"));
-        assert!(proxy.allowed("http://deb.debian.org/debian/dists/trixie/main/binary-amd64/by-hash/SHA256/ab12"));
+        assert!(under(
+            &proxy.allowed,
+            "http://deb.debian.org/debian/pool/main/f/foo/foo_1%3a2.0-1_amd64.deb"
+        ));
+        assert!(under(
+            &proxy.allowed,
+            "http://deb.debian.org/debian/dists/trixie/main/binary-amd64/by-hash/SHA256/ab12"
+        ));
     }
 
     #[tokio::test]
@@ -346,6 +368,26 @@ mod tests {
         tokio::time::sleep(IDLE_LIMIT + std::time::Duration::from_secs(1)).await;
         assert!(task.is_finished(), "the connection is still served");
         drop(client);
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_refused() {
+        let proxy = Proxy::new(&["http://deb.debian.org/debian".into()], Fetcher::default());
+        let mut open = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let (client, server) = tokio::io::duplex(1024);
+            let (server_r, server_w) = tokio::io::split(server);
+            open.push((client, tokio::spawn(proxy.clone().serve(server_r, server_w))));
+        }
+        tokio::task::yield_now().await;
+        let out = exchange(proxy.clone(), "GET http://deb.debian.org/debian/x HTTP/1.1\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
+        // A connection that ends makes room for another.
+        let (client, task) = open.pop().unwrap();
+        drop(client);
+        task.await.unwrap();
+        let out = exchange(proxy, "POST http://deb.debian.org/debian/x HTTP/1.0\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.1 405 "), "{out}");
     }
 
     #[tokio::test]

@@ -62,27 +62,31 @@ async fn work(helper: &Helper, request: &RunRequest, cancel: &CancellationToken)
     };
     let stdin: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>> =
         request.stdin.then(|| Box::new(tokio::io::stdin()) as _);
-    let mut stdout = std::io::stdout().lock();
+    // The command's output is the user's: written as it comes, unchanged. A slow reader
+    // (`| less`) blocks this write, off the runtime's other tasks (`block_in_place`), and
+    // the session's bounded routes carry that back to the guest.
     let reply = session
         .run(
             command,
             stdin,
-            |event| match event {
-                Event::Stdout(line) => {
-                    let _ = stdout
-                        .write_all(&line)
-                        .and_then(|_| stdout.write_all(b"\n"))
-                        .and_then(|_| stdout.flush());
-                }
-                Event::Stderr(line) => {
-                    let mut err = std::io::stderr().lock();
-                    let _ = err.write_all(&line).and_then(|_| err.write_all(b"\n"));
-                }
+            |event| {
+                tokio::task::block_in_place(|| match event {
+                    Event::Stdout(line) => {
+                        let mut out = std::io::stdout().lock();
+                        let _ = out
+                            .write_all(&line)
+                            .and_then(|_| out.write_all(b"\n"))
+                            .and_then(|_| out.flush());
+                    }
+                    Event::Stderr(line) => {
+                        let mut err = std::io::stderr().lock();
+                        let _ = err.write_all(&line).and_then(|_| err.write_all(b"\n"));
+                    }
+                })
             },
             cancel,
         )
         .await?;
-    drop(stdout);
     let code = match reply {
         Ok(_) => 0,
         Err(e) if e.kind == ErrorKind::Cancelled => {

@@ -8,7 +8,7 @@
 use imgvm_protocol::{
     decode, encode, payload_len, Command, Event, GuestMessage, Handshake, HostMessage, ImageOp, ImageOperation,
     ImageReply, Operation, OperationError, Outcome, RequestId, Transfer, ACK_THRESHOLD, CHUNK_LEN, FRAME_HEADER_LEN,
-    PROTOCOL_VERSION, STREAM_WINDOW,
+    MAX_REPLY_LEN, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -37,7 +37,25 @@ pub enum SessionError {
 /// because a guest under emulation on a loaded host can stall for a while.
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 
-type Route = mpsc::UnboundedSender<GuestMessage>;
+/// Messages of one request not yet taken by whoever waits for it. Bounded: when its owner
+/// falls behind (a slow terminal under `imgvm run`), the reader stops reading, stops
+/// acknowledging, and the agent stops sending at its uplink window, so backpressure
+/// reaches the guest instead of the host's memory growing.
+const ROUTE_DEPTH: usize = 32;
+
+#[derive(Clone)]
+struct Route {
+    tx: mpsc::Sender<GuestMessage>,
+    stream: Arc<StreamWindow>,
+}
+
+/// The request's output stream as both ends count it: the agent may send
+/// [`STREAM_WINDOW`] bytes more than the host has credited, and not one more.
+#[derive(Default)]
+struct StreamWindow {
+    credited: std::sync::atomic::AtomicU64,
+    received: std::sync::atomic::AtomicU64,
+}
 
 pub struct Session {
     out: mpsc::Sender<HostMessage>,
@@ -52,7 +70,8 @@ pub struct Session {
 /// One request in flight: its incoming messages and the means to talk back.
 pub struct Request<'a> {
     pub id: RequestId,
-    rx: mpsc::UnboundedReceiver<GuestMessage>,
+    rx: mpsc::Receiver<GuestMessage>,
+    stream: Arc<StreamWindow>,
     session: &'a Session,
 }
 
@@ -115,6 +134,7 @@ impl Session {
         let acks = out.clone();
         tokio::spawn(async move {
             let mut unacked = 0u64;
+            let mut replies = ReplyParts::new(MAX_REPLY_LEN);
             loop {
                 if unacked >= ACK_THRESHOLD {
                     if acks.send(HostMessage::Ack { bytes: unacked }).await.is_err() {
@@ -135,13 +155,26 @@ impl Session {
                     }
                     Ok(Some(message)) => {
                         let id = message_id(&message);
-                        let mut routes = reader_routes.lock().unwrap();
-                        let done = matches!(message, GuestMessage::Done { .. });
-                        if let Some(route) = routes.get(&id) {
-                            let _ = route.send(message);
+                        let Some(route) = reader_routes.lock().unwrap().get(&id).cloned() else {
+                            // A request that has ended or was never made: stale, not buffered.
+                            replies.forget(id);
+                            continue;
+                        };
+                        let message = match replies.take(message) {
+                            Ok(Some(message)) => message,
+                            Ok(None) => continue,
+                            Err(e) => break fail(e),
+                        };
+                        if let GuestMessage::Data { chunk, .. } = &message {
+                            if let Err(e) = route.stream.receive(id, chunk.len()) {
+                                break fail(e);
+                            }
                         }
+                        let done = matches!(message, GuestMessage::Done { .. });
+                        // Waits while the request's owner is behind: see ROUTE_DEPTH.
+                        let _ = route.tx.send(message).await;
                         if done {
-                            routes.remove(&id);
+                            reader_routes.lock().unwrap().remove(&id);
                         }
                     }
                     Ok(None) => break fail(SessionError::Lost("the agent closed the connection".into())),
@@ -179,15 +212,25 @@ impl Session {
 
     pub async fn start(&self, operation: Operation) -> Result<Request<'_>, SessionError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(ROUTE_DEPTH);
+        let stream = Arc::<StreamWindow>::default();
         {
             if let Some(e) = self.broken.lock().unwrap().clone() {
                 return Err(e);
             }
-            self.routes.lock().unwrap().insert(id, tx);
+            let route = Route {
+                tx,
+                stream: stream.clone(),
+            };
+            self.routes.lock().unwrap().insert(id, route);
         }
         self.send(HostMessage::Request { id, operation }).await?;
-        Ok(Request { id, rx, session: self })
+        Ok(Request {
+            id,
+            rx,
+            stream,
+            session: self,
+        })
     }
 
     /// Runs a command, handing each output line or progress event to `on_event`, and
@@ -305,11 +348,7 @@ impl Session {
                     sink.write_all(&chunk)
                         .await
                         .map_err(|e| SessionError::Lost(format!("writing download: {e}")))?;
-                    self.send(HostMessage::Credit {
-                        id: request.id,
-                        bytes: chunk.len() as u64,
-                    })
-                    .await?;
+                    request.credit(chunk.len() as u64).await?;
                 }
                 GuestMessage::Done { result, .. } => {
                     sink.flush()
@@ -334,6 +373,12 @@ impl Request<'_> {
     /// The next message for this request.
     pub async fn next(&mut self) -> Result<GuestMessage, SessionError> {
         self.rx.recv().await.ok_or_else(|| self.session.error())
+    }
+
+    /// Tells the agent `bytes` more of the output stream were consumed.
+    pub async fn credit(&self, bytes: u64) -> Result<(), SessionError> {
+        self.stream.credited.fetch_add(bytes, Ordering::Relaxed);
+        self.session.send(HostMessage::Credit { id: self.id, bytes }).await
     }
 
     pub async fn cancel(&self) -> Result<(), SessionError> {
@@ -426,7 +471,73 @@ fn message_id(message: &GuestMessage) -> RequestId {
         | GuestMessage::Data { id, .. }
         | GuestMessage::EndOfData { id }
         | GuestMessage::Credit { id, .. }
-        | GuestMessage::Done { id, .. } => *id,
+        | GuestMessage::Done { id, .. }
+        | GuestMessage::ReplyPart { id, .. }
+        | GuestMessage::ReplyEnd { id } => *id,
+    }
+}
+
+impl StreamWindow {
+    /// Counts `len` bytes of output received for request `id`; more than the window
+    /// beyond what was credited is a guest ignoring flow control.
+    fn receive(&self, id: RequestId, len: usize) -> Result<(), SessionError> {
+        let received = self.received.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+        let credited = self.credited.load(Ordering::Relaxed);
+        if received > credited + STREAM_WINDOW {
+            return Err(SessionError::Protocol(format!(
+                "request {id}: {} bytes of output beyond the {STREAM_WINDOW} granted",
+                received - credited - STREAM_WINDOW
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Results that arrive in pieces ([`GuestMessage::ReplyPart`]), per live request, each
+/// bounded by `limit` ([`MAX_REPLY_LEN`]).
+struct ReplyParts {
+    parts: HashMap<RequestId, Vec<u8>>,
+    limit: usize,
+}
+
+impl ReplyParts {
+    fn new(limit: usize) -> Self {
+        ReplyParts {
+            parts: HashMap::new(),
+            limit,
+        }
+    }
+
+    /// The message to hand to the request: `message` itself, or once a reply's last piece
+    /// is in, the `Done` it stands for; `None` while pieces are still arriving.
+    fn take(&mut self, message: GuestMessage) -> Result<Option<GuestMessage>, SessionError> {
+        match message {
+            GuestMessage::ReplyPart { id, chunk } => {
+                let parts = self.parts.entry(id).or_default();
+                if parts.len() + chunk.len() > self.limit {
+                    return Err(SessionError::Protocol(format!(
+                        "the reply to request {id} exceeds {} bytes",
+                        self.limit
+                    )));
+                }
+                parts.extend_from_slice(&chunk);
+                Ok(None)
+            }
+            GuestMessage::ReplyEnd { id } => {
+                let parts = self.parts.remove(&id).unwrap_or_default();
+                let result =
+                    decode(&parts).map_err(|e| SessionError::Protocol(format!("the reply to request {id}: {e}")))?;
+                Ok(Some(GuestMessage::Done { id, result }))
+            }
+            GuestMessage::Done { id, .. } if self.parts.contains_key(&id) => Err(SessionError::Protocol(format!(
+                "request {id} ended while its reply was arriving in pieces"
+            ))),
+            other => Ok(Some(other)),
+        }
+    }
+
+    fn forget(&mut self, id: RequestId) {
+        self.parts.remove(&id);
     }
 }
 
@@ -446,4 +557,48 @@ async fn read_message(reader: &mut (impl AsyncRead + Unpin)) -> Result<Option<(G
         .map_err(|e| SessionError::Lost(e.to_string()))?;
     let message = decode(&payload).map_err(|e| SessionError::Protocol(e.to_string()))?;
     Ok(Some((message, FRAME_HEADER_LEN + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(id: RequestId, len: usize) -> GuestMessage {
+        GuestMessage::ReplyPart {
+            id,
+            chunk: vec![0; len],
+        }
+    }
+
+    #[test]
+    fn pieces_of_a_reply_are_bounded() {
+        let mut replies = ReplyParts::new(100);
+        assert_eq!(replies.take(part(1, 60)).unwrap(), None);
+        // Another request has its own allowance.
+        assert_eq!(replies.take(part(2, 60)).unwrap(), None);
+        let err = replies.take(part(1, 41)).unwrap_err();
+        assert!(
+            matches!(&err, SessionError::Protocol(m) if m.contains("exceeds 100 bytes")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_done_in_the_middle_of_pieces_is_refused() {
+        let mut replies = ReplyParts::new(100);
+        replies.take(part(1, 10)).unwrap();
+        let done = GuestMessage::Done {
+            id: 1,
+            result: Ok(Outcome::Exited { code: 0 }),
+        };
+        assert!(replies.take(done).is_err());
+    }
+
+    #[test]
+    fn pieces_that_do_not_decode_are_a_protocol_error() {
+        let mut replies = ReplyParts::new(100);
+        replies.take(part(1, 10)).unwrap();
+        let err = replies.take(GuestMessage::ReplyEnd { id: 1 }).unwrap_err();
+        assert!(matches!(err, SessionError::Protocol(_)), "{err}");
+    }
 }

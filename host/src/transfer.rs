@@ -38,7 +38,7 @@ pub async fn copy_out(session: &Session, source: &str, dest: &Path, cancel: &Can
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    let tmp = crate::leftovers::partial_file(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
     let format = if source.ends_with('/') {
         Transfer::Tar
     } else {
@@ -64,12 +64,11 @@ pub async fn copy_out(session: &Session, source: &str, dest: &Path, cancel: &Can
 
 /// The host's tar packing `dir`, numeric owners kept; the child is killed if dropped.
 pub fn tar_stream(dir: &Path) -> Result<(tokio::process::Child, tokio::process::ChildStdout)> {
-    let mut tar = tokio::process::Command::new("tar")
+    let mut tar = crate::child::command("tar")
         .args(["-c", "--numeric-owner", "-f", "-", "-C"])
         .arg(dir)
         .arg(".")
         .stdout(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .context("running tar")?;
     let stdout = tar.stdout.take().expect("piped");

@@ -397,3 +397,61 @@ fn names_are_file_names() {
     let ok = BASE.replace("name: test", "name: debian-13_generic.v2");
     load(&[("r.yaml", &ok)], Arch::Amd64).1.unwrap();
 }
+
+#[test]
+fn a_copy_from_outside_the_recipe_directory_is_refused_where_it_is_written() {
+    let recipe = format!("{BASE}steps:\n  - copy: {{from: ../../etc/hostname, to: /etc/x}}\n");
+    let err = error(&recipe, Arch::Amd64);
+    assert!(
+        err.starts_with("DIR/r.yaml:9:18: `../../etc/hostname` is outside the recipe's directory"),
+        "{err}"
+    );
+    assert!(err.contains("--trust-recipe"), "{err}");
+}
+
+#[test]
+fn a_mirror_on_this_machine_is_refused_unless_trusted() {
+    let recipe = format!("{BASE}mirror: http://127.0.0.1:3142/debian\n");
+    let err = error(&recipe, Arch::Amd64);
+    assert!(
+        err.starts_with("DIR/r.yaml:8:1: mirror `http://127.0.0.1:3142/debian` is on this machine"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("r.yaml"), &recipe).unwrap();
+    let trusted = Recipe::load_with(
+        &dir.path().join("r.yaml"),
+        Some(Arch::Amd64),
+        imgvm::recipe::Trust::Trusted,
+    );
+    assert_eq!(trusted.unwrap().mirror, "http://127.0.0.1:3142/debian");
+}
+
+#[test]
+fn steps_get_the_recipe_timeout_unless_a_run_step_sets_its_own() {
+    let recipe =
+        format!("{BASE}step_timeout: 2h\nsteps:\n  - run: {{script: 'sleep 1', timeout: 90s}}\n  - hostname: h\n");
+    let (_dir, recipe) = load(&[("r.yaml", &recipe)], Arch::Amd64);
+    let plan = imgvm::plan::plan(&recipe.unwrap(), false);
+    let timeouts: Vec<(String, String)> = plan
+        .phases
+        .iter()
+        .map(|p| (p.label.clone(), p.timeout.to_string()))
+        .collect();
+    assert!(
+        timeouts.contains(&("step 2/4 (run)".into(), "90s".into())),
+        "{timeouts:?}"
+    );
+    assert!(
+        timeouts.contains(&("step 3/4 (hostname)".into(), "2h".into())),
+        "{timeouts:?}"
+    );
+}
+
+#[test]
+fn a_bad_timeout_is_located() {
+    let recipe = format!("{BASE}steps:\n  - run: {{script: 'true', timeout: 3 days}}\n");
+    let err = error(&recipe, Arch::Amd64);
+    assert!(err.starts_with("DIR/r.yaml:9:"), "{err}");
+    assert!(err.contains("unknown unit `days`"), "{err}");
+}

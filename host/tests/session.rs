@@ -251,3 +251,170 @@ async fn a_reply_of_another_operation_is_a_protocol_error() {
         );
     }
 }
+
+/// Sends `messages` as the fake agent.
+async fn send_all(guest: &mut (impl AsyncWriteExt + Unpin), messages: impl IntoIterator<Item = GuestMessage>) {
+    for message in messages {
+        guest.write_all(&encode(&message).unwrap()).await.unwrap();
+    }
+}
+
+fn many_packages(n: usize) -> Vec<imgvm_protocol::Package> {
+    (0..n)
+        .map(|i| imgvm_protocol::Package {
+            name: format!("package-{i}"),
+            version: "1.0-1".into(),
+            architecture: "amd64".into(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_reply_in_pieces_is_assembled() {
+    use imgvm_protocol::{encode_payload, ImageReply, ListPackages, OperationError, CHUNK_LEN};
+    let (session, mut guest) = handshaken().await;
+    let packages = many_packages(10_000);
+    let result: Result<Outcome, OperationError> = Ok(Outcome::Image(ImageReply::ListPackages(packages.clone())));
+    let encoded = encode_payload(&result).unwrap();
+    let fake = async {
+        let HostMessage::Request { id, .. } = read_host(&mut guest).await else {
+            panic!("expected a request")
+        };
+        let parts = encoded.chunks(CHUNK_LEN).map(|chunk| GuestMessage::ReplyPart {
+            id,
+            chunk: chunk.to_vec(),
+        });
+        send_all(&mut guest, parts.chain([GuestMessage::ReplyEnd { id }])).await;
+    };
+    let cancel = CancellationToken::new();
+    let (result, _) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(session.image(ListPackages, None, |_| {}, &cancel), fake)
+    })
+    .await
+    .unwrap();
+    assert_eq!(result.unwrap(), Ok(packages));
+}
+
+/// A request whose owner does not take its messages makes the host stop reading, so it
+/// stops acknowledging and the agent stops at its uplink window: host memory stays
+/// bounded however much the guest has to say.
+#[tokio::test]
+async fn a_request_that_is_not_consumed_pushes_back_on_the_agent() {
+    use imgvm_protocol::{Event, Operation, MAX_LINE_LEN};
+    let (session, guest) = handshaken().await;
+    let (mut guest_r, mut guest_w) = guest.into_split();
+    let mut request = session.start(Operation::Run(Command::default())).await.unwrap();
+    let len = guest_r.read_u32_le().await.unwrap() as usize;
+    let mut buf = vec![0; len];
+    guest_r.read_exact(&mut buf).await.unwrap();
+    let HostMessage::Request { id, .. } = imgvm_protocol::decode(&buf).unwrap() else {
+        panic!("expected a request")
+    };
+    // 4 MiB of output, written regardless of acknowledgements (a guest ignoring them).
+    const LINES: usize = 512;
+    let flood = tokio::spawn(async move {
+        let line = vec![b'x'; MAX_LINE_LEN];
+        let events = (0..LINES).map(move |_| GuestMessage::Event {
+            id,
+            event: Event::Stdout(line.clone()),
+        });
+        send_all(&mut guest_w, events).await;
+        guest_w
+    });
+    // Count what the host says it has read while nobody takes the request's messages.
+    let mut acked = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    loop {
+        let read = async {
+            let len = guest_r.read_u32_le().await.unwrap() as usize;
+            let mut buf = vec![0; len];
+            guest_r.read_exact(&mut buf).await.unwrap();
+            imgvm_protocol::decode::<HostMessage>(&buf).unwrap()
+        };
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(HostMessage::Ack { bytes }) => acked += bytes,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(
+        acked < 1024 * 1024,
+        "the host read {acked} bytes for a request nobody consumes"
+    );
+    // Nothing was lost: every line arrives once the owner catches up.
+    for _ in 0..LINES {
+        let message = tokio::time::timeout(Duration::from_secs(5), request.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(message, GuestMessage::Event { .. }));
+    }
+    drop(flood);
+}
+
+#[tokio::test]
+async fn data_beyond_the_granted_window_is_a_protocol_error() {
+    use imgvm_protocol::{Transfer, STREAM_WINDOW};
+    let (session, mut guest) = handshaken().await;
+    let fake = async move {
+        let HostMessage::Request { id, .. } = read_host(&mut guest).await else {
+            panic!("expected a request")
+        };
+        // Twice the window in one go, without waiting for credit.
+        let chunk = vec![0u8; 32 * 1024];
+        let n = 2 * STREAM_WINDOW as usize / chunk.len();
+        let data = (0..n).map(|_| GuestMessage::Data {
+            id,
+            chunk: chunk.clone(),
+        });
+        send_all(&mut guest, data).await;
+        guest
+    };
+    let fake = tokio::spawn(fake);
+    let mut sink = SlowSink;
+    let cancel = CancellationToken::new();
+    let download = session.download("/x", Transfer::File, &mut sink, &cancel);
+    let result = tokio::time::timeout(Duration::from_secs(10), download).await.unwrap();
+    fake.abort();
+    let err = result.unwrap_err();
+    assert!(
+        matches!(&err, SessionError::Protocol(m) if m.contains("beyond")),
+        "{err}"
+    );
+}
+
+/// A sink that takes its time over every write, as a slow disk would.
+struct SlowSink;
+
+impl tokio::io::AsyncWrite for SlowSink {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let waker = cx.waker().clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            waker.wake();
+        });
+        // Every other poll makes progress, so each write takes a wake-up.
+        static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if READY.fetch_xor(true, std::sync::atomic::Ordering::Relaxed) {
+            std::task::Poll::Ready(Ok(buf.len()))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}

@@ -32,6 +32,12 @@ pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
+/// A value's encoding without a frame around it: what a frame's payload, or the pieces of
+/// a [`crate::GuestMessage::ReplyPart`] stream, carry.
+pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
+    Ok(postcard::to_allocvec(value)?)
+}
+
 /// Parses a payload (the bytes after the header). Trailing bytes are an error: a frame
 /// holds exactly one message.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {

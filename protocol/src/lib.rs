@@ -23,14 +23,16 @@ mod image;
 mod message;
 
 pub use bytes::Bytes;
-pub use frame::{blocking, decode, encode, payload_len, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
+pub use frame::{
+    blocking, decode, encode, encode_payload, payload_len, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN,
+};
 pub use image::*;
 pub use message::*;
 pub use operations::{Handle, ImageOperation};
 
 /// Changed whenever an encoding changes. Not kept from memory: `tests/golden.rs` fails
 /// when the pinned encodings differ and this number does not.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The vsock port the agent connects to when the kernel command line names none.
 pub const AGENT_PORT: u32 = 1024;
@@ -55,6 +57,9 @@ pub const ACK_THRESHOLD: u64 = 32 * 1024;
 
 /// Longest output line sent as one event; longer lines are split.
 pub const MAX_LINE_LEN: usize = 8 * 1024;
+
+/// Largest final result the host assembles from [`GuestMessage::ReplyPart`]s.
+pub const MAX_REPLY_LEN: usize = 64 << 20;
 
 /// How often the agent says it is alive.
 pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);

@@ -76,6 +76,21 @@ pub enum GuestMessage {
     /// Sent every [`crate::HEARTBEAT_INTERVAL`], so the host can tell a busy guest from a
     /// hung one.
     Heartbeat,
+    /// A piece of the request's final result, encoded as [`Done`](GuestMessage::Done)'s
+    /// `result` would be: a result that does not fit one [`crate::CHUNK_LEN`] frame (the
+    /// package list of a large image, an error with long stderr) travels in pieces, each
+    /// flow-controlled like any other frame, and never more than [`crate::MAX_REPLY_LEN`]
+    /// in all.
+    ReplyPart {
+        id: RequestId,
+        #[serde(with = "serde_bytes")]
+        chunk: Vec<u8>,
+    },
+    /// The pieces sent as [`ReplyPart`](GuestMessage::ReplyPart) are complete: the
+    /// request ended as if with `Done`.
+    ReplyEnd {
+        id: RequestId,
+    },
 }
 
 /// What the agent says about itself before anything else.

@@ -296,6 +296,11 @@ fn messages() -> Vec<(String, Vec<u8>)> {
             result: Err(error),
         },
         GuestMessage::Heartbeat,
+        GuestMessage::ReplyPart {
+            id: 9,
+            chunk: vec![0, 1],
+        },
+        GuestMessage::ReplyEnd { id: 9 },
     ];
     let mut out = Vec::new();
     for op in operations() {

@@ -60,14 +60,19 @@ fn a_missing_package_and_a_full_disk_are_named() {
         "the log has the steps before:\n{log}"
     );
 
+    // First a step that leaves a daemon behind, holding the step's output open: it must
+    // not hang the build (the agent kills what a step leaves running in the image).
     let recipe = format!(
-        "name: full\nsuite: trixie\n{}steps:\n  - run: {{script: 'dd if=/dev/zero of=/filler bs=1M'}}\n",
+        "name: full\nsuite: trixie\n{}steps:\n  \
+         - run: {{script: 'setsid sleep 100000 & echo daemon started'}}\n  \
+         - run: {{script: 'dd if=/dev/zero of=/filler bs=1M'}}\n",
         DISK.replace("SIZE", "700MiB")
     );
-    let (stderr, _) = failed_build(&dir, "full", &recipe);
+    let (stderr, log) = failed_build(&dir, "full", &recipe);
+    assert!(log.contains("== step 2/4 (run): "), "the daemon step ended:\n{log}");
     let file = dir.join("full.yaml");
     let expected = format!(
-        "{}: step 2/3 (run): the image is full: dd: error writing '/filler': No space left on device",
+        "{}: step 3/4 (run): the image is full: dd: error writing '/filler': No space left on device",
         file.display()
     );
     assert!(stderr.contains(&expected), "expected {expected:?} in:\n{stderr}");

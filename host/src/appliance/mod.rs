@@ -178,7 +178,7 @@ impl Spec {
 
         let parent = self.dir().parent().context("cache directory")?.to_owned();
         std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-        let staging = tempfile::tempdir_in(&parent)?;
+        let staging = crate::leftovers::ClaimedDir::new_in(&parent, ".imgvm-appliance-")?;
         std::fs::write(staging.path().join("kernel"), &kernel_file)?;
         for (t, name) in [(&tree, "base.cpio"), (&bare, "bare.cpio")] {
             let mut cpio = BufWriter::new(std::fs::File::create(staging.path().join(name))?);
@@ -215,7 +215,7 @@ impl Spec {
         if dir.exists() {
             std::fs::rename(&dir, &old)?;
         }
-        std::fs::rename(staging.keep(), &dir)?;
+        staging.persist(&dir)?;
         let _ = std::fs::remove_dir_all(&old);
         tracing::info!(
             "{arch} appliance ready: {} files, kernel {}",

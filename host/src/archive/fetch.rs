@@ -12,11 +12,18 @@ use std::time::Duration;
 /// briefly serves files not matching the index), so a few tries with backoff are normal.
 const ATTEMPTS: u32 = 5;
 
+/// Redirects followed per request.
+const MAX_REDIRECTS: usize = 5;
+
+/// Which URLs a fetch may be redirected to.
+pub type RedirectPolicy = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 #[derive(Clone)]
 pub struct Fetcher {
     agent: ureq::Agent,
     stats: Arc<Stats>,
     backoff: Duration,
+    redirects: Option<RedirectPolicy>,
 }
 
 /// What was really downloaded, as opposed to found in the cache.
@@ -49,12 +56,24 @@ impl Fetcher {
             .timeout_recv_body(None)
             .timeout_global(None)
             .timeout_per_read(Some(Duration::from_secs(60)))
+            // Followed here, where each hop can be checked.
+            .max_redirects(0)
             .user_agent(concat!("imgvm/", env!("CARGO_PKG_VERSION")))
             .build();
         Fetcher {
             agent: config.into(),
             stats: Arc::default(),
             backoff,
+            redirects: None,
+        }
+    }
+
+    /// The same fetcher, following only redirects to URLs `allowed` accepts (the package
+    /// proxy's, so a mirror cannot send the host elsewhere on the guest's behalf).
+    pub fn redirecting_only_to(&self, allowed: RedirectPolicy) -> Fetcher {
+        Fetcher {
+            redirects: Some(allowed),
+            ..self.clone()
         }
     }
 
@@ -77,7 +96,7 @@ impl Fetcher {
     pub fn fetch(&self, url: &str, dir: &Path) -> Result<tempfile::NamedTempFile> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         self.retry(url, false, || {
-            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+            let mut tmp = crate::leftovers::partial_file(dir)?;
             let n = std::io::copy(&mut self.open(url)?, tmp.as_file_mut())?;
             self.count(n);
             Ok(tmp)
@@ -92,7 +111,7 @@ impl Fetcher {
         // The signed index lists this file, so a 404 means a mirror in the middle of a
         // sync (or an incomplete one): worth waiting for.
         let result = self.retry(url, true, || {
-            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+            let mut tmp = crate::leftovers::partial_file(dir)?;
             let mut reader = self.open(url)?.take(size + 1);
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 256 * 1024];
@@ -132,11 +151,30 @@ impl Fetcher {
     }
 
     fn open(&self, url: &str) -> Result<impl Read> {
-        let response = self.agent.get(url).call().map_err(|e| match e {
-            ureq::Error::StatusCode(code) => anyhow::Error::new(Status(code)),
-            other => anyhow::Error::new(other),
-        })?;
-        Ok(response.into_body().into_reader())
+        let mut url = url.to_owned();
+        for _ in 0..=MAX_REDIRECTS {
+            let response = self.agent.get(&url).call().map_err(|e| match e {
+                ureq::Error::StatusCode(code) => anyhow::Error::new(Status(code)),
+                other => anyhow::Error::new(other),
+            })?;
+            if !response.status().is_redirection() {
+                return Ok(response.into_body().into_reader());
+            }
+            let location = response
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .with_context(|| format!("{url}: a redirect without a location"))?;
+            let next = resolve(&url, location);
+            if let Some(allowed) = &self.redirects {
+                if !allowed(&next) {
+                    bail!("{url} redirects to {next}, which is not under an allowed mirror");
+                }
+            }
+            tracing::debug!("{url} redirects to {next}");
+            url = next;
+        }
+        bail!("{url}: more than {MAX_REDIRECTS} redirects")
     }
 
     fn retry<T>(&self, url: &str, listed: bool, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
@@ -174,6 +212,100 @@ fn transient(e: &anyhow::Error, listed: bool) -> bool {
         || e.downcast_ref::<std::io::Error>().is_some()
 }
 
+/// The absolute URL a `Location` header names, relative to `base`.
+fn resolve(base: &str, location: &str) -> String {
+    if location.contains("://") {
+        return location.to_owned();
+    }
+    let origin_end = base
+        .find("://")
+        .map(|i| i + 3)
+        .and_then(|start| base[start..].find('/').map(|i| start + i))
+        .unwrap_or(base.len());
+    if location.starts_with('/') {
+        return format!("{}{location}", &base[..origin_end]);
+    }
+    let dir_end = base
+        .rfind('/')
+        .filter(|&i| i >= origin_end)
+        .map_or(base.len(), |i| i + 1);
+    let dir = &base[..dir_end];
+    if dir.ends_with('/') {
+        format!("{dir}{location}")
+    } else {
+        format!("{dir}/{location}")
+    }
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+
+    /// A server on 127.0.0.1 answering every request with `response(path)`.
+    fn serve(response: impl Fn(&str) -> String + Send + 'static) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap() <= 2 {
+                        break;
+                    }
+                }
+                let _ = (&stream).write_all(response(&path).as_bytes());
+            }
+        });
+        base
+    }
+
+    fn redirect(to: &str) -> String {
+        format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    }
+
+    fn ok(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn redirects_are_checked_at_every_hop() {
+        let base = serve(|path| match path {
+            "/debian/moved" => redirect("/debian/here"),
+            "/debian/here" => ok("the file"),
+            "/debian/away" => redirect("http://169.254.169.254/latest/meta-data/"),
+            "/debian/sideways" => redirect("../secret"),
+            _ => ok("secret"),
+        });
+        let prefix = format!("{base}/debian/");
+        let fetcher = Fetcher::new(Duration::from_millis(1)).redirecting_only_to(Arc::new(move |url: &str| {
+            url.starts_with(&prefix) && !url.contains("..")
+        }));
+        assert_eq!(fetcher.get(&format!("{base}/debian/moved")).unwrap(), b"the file");
+        for path in ["away", "sideways"] {
+            let err = format!("{:#}", fetcher.get(&format!("{base}/debian/{path}")).unwrap_err());
+            assert!(err.contains("not under an allowed mirror"), "{err}");
+        }
+    }
+
+    #[test]
+    fn relative_locations_resolve_against_the_request() {
+        assert_eq!(resolve("http://h/a/b", "/c"), "http://h/c");
+        assert_eq!(resolve("http://h/a/b", "c"), "http://h/a/c");
+        assert_eq!(resolve("http://h/a/b", "../c"), "http://h/a/../c");
+        assert_eq!(resolve("http://h", "c"), "http://h/c");
+        assert_eq!(resolve("http://h/a", "https://x/y"), "https://x/y");
+    }
 }

@@ -4,7 +4,6 @@
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::io::Write;
-use std::process::Command;
 
 /// Debian's archive keyring (bullseye, bookworm and trixie keys), from the
 /// `debian-archive-keyring` package.
@@ -29,7 +28,7 @@ impl Release {
         let input = dir.path().join("InRelease");
         std::fs::File::create(&input)?.write_all(in_release)?;
         let output = dir.path().join("Release");
-        let result = Command::new("gpgv")
+        let result = crate::child::std_command("gpgv")
             .arg("--status-fd=1")
             .arg("--keyring")
             .arg(&keyring)

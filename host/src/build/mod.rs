@@ -114,9 +114,7 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
     let name = format!("{}-{}", recipe.name, recipe.arch);
     std::fs::create_dir_all(&options.output).with_context(|| format!("creating {}", options.output.display()))?;
     // Outputs are assembled next to where they will end up, then renamed into place.
-    let staging = tempfile::Builder::new()
-        .prefix(".imgvm-build-")
-        .tempdir_in(&options.output)
+    let staging = crate::leftovers::ClaimedDir::new_in(&options.output, ".imgvm-build-")
         .with_context(|| format!("cannot write in {}", options.output.display()))?;
     let disk = staging.path().join("disk.raw");
     std::fs::File::create(&disk)?.set_len(recipe.disk_size.bytes())?;
@@ -307,15 +305,25 @@ async fn run_phase(
             }
         })
     };
-    let result = async {
+    let step_cancel = cancel.child_token();
+    let work = async {
         for action in phase.actions {
-            run_action(helper, action, staging, findings, log, cancel).await?;
+            run_action(helper, action, staging, findings, log, &step_cancel).await?;
         }
         Ok::<_, anyhow::Error>(())
-    }
-    .await;
+    };
+    let result = within(phase.timeout.0, &step_cancel, work).await;
     ticker.abort();
     spinner.finish_and_clear();
+    let result = match result {
+        Ok(result) => result,
+        Err(TimedOut) => bail!(
+            "{}: {label} did not finish within {}, and was stopped (raise the step's `timeout:` \
+             or the recipe's `step_timeout:` if it needs longer)",
+            recipe.file.display(),
+            phase.timeout
+        ),
+    };
     if let Err(e) = result {
         return Err(match e.downcast::<OperationError>() {
             Ok(agent) => StepError {
@@ -338,6 +346,33 @@ async fn run_phase(
     tracing::info!("{label}: {seconds:.1} s{fetched}");
     log.line(&format!("== {label}: {seconds:.1} s{fetched}"));
     Ok(Timing { step: label, seconds })
+}
+
+/// `work` ran longer than it may.
+#[derive(Debug, PartialEq, Eq)]
+struct TimedOut;
+
+/// How long a timed-out step may take to stop; a guest that does not stop it is shut
+/// down with the helper VM.
+const STOP_GRACE: Duration = Duration::from_secs(60);
+
+/// `work`'s result, or after `limit` [`TimedOut`]: then `token` (which `work` carries
+/// out its operations with) is cancelled and `work` is awaited until it ends (at most
+/// [`STOP_GRACE`]), so the agent has stopped the operation before the build fails.
+async fn within<T>(
+    limit: Duration,
+    token: &CancellationToken,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, TimedOut> {
+    tokio::pin!(work);
+    tokio::select! {
+        result = &mut work => Ok(result),
+        _ = tokio::time::sleep(limit) => {
+            token.cancel();
+            let _ = tokio::time::timeout(STOP_GRACE, work).await;
+            Err(TimedOut)
+        }
+    }
 }
 
 /// Carries out one planned action; an agent's refusal comes back as an `OperationError`
@@ -457,6 +492,40 @@ impl StepError {
 mod tests {
     use super::*;
     use imgvm_protocol::{Check, CheckResult};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_over_its_time_is_cancelled_and_awaited() {
+        let token = CancellationToken::new();
+        let stopped = std::sync::atomic::AtomicBool::new(false);
+        // Stands for an operation: it ends only when cancelled, as the agent's do.
+        let work = async {
+            token.cancelled().await;
+            stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+        };
+        let started = tokio::time::Instant::now();
+        assert_eq!(within(Duration::from_secs(30), &token, work).await, Err(TimedOut));
+        assert!(
+            stopped.load(std::sync::atomic::Ordering::Relaxed),
+            "the operation was not stopped"
+        );
+        assert_eq!(started.elapsed().as_secs(), 30);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_that_will_not_stop_is_abandoned_after_the_grace() {
+        let token = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let result = within(Duration::from_secs(30), &token, std::future::pending::<()>()).await;
+        assert_eq!(result, Err(TimedOut));
+        assert_eq!(started.elapsed(), Duration::from_secs(30) + STOP_GRACE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_in_time_is_left_alone() {
+        let token = CancellationToken::new();
+        assert_eq!(within(Duration::from_secs(30), &token, async { 7 }).await, Ok(7));
+        assert!(!token.is_cancelled());
+    }
 
     fn named(name: &str) -> NamedCheck {
         NamedCheck {

@@ -186,9 +186,8 @@ async fn convert(disk: &Path, out: PathBuf, args: &[&str]) -> Result<PathBuf> {
 }
 
 async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
-    let output = tokio::process::Command::new(program)
+    let output = crate::child::command(program)
         .args(args)
-        .kill_on_drop(true)
         .output()
         .await
         .with_context(|| format!("running {program} (see `imgvm doctor`)"))?;

@@ -10,7 +10,7 @@
 mod layout;
 
 use crate::arch::Arch;
-use crate::recipe::{self, Filesystem, FstabKey, HostSource, PartitionKind, Recipe, Step, TableKind};
+use crate::recipe::{self, Filesystem, FstabKey, HostSource, PartitionKind, Recipe, Step, TableKind, Timeout};
 use imgvm_protocol::{self as proto, ImageOp};
 use layout::{device, numbered, partition_specs, DISK};
 use serde::Serialize;
@@ -25,6 +25,8 @@ pub struct Plan {
 #[derive(Debug, Serialize)]
 pub struct Phase {
     pub label: String,
+    /// How long the phase may take before it is cancelled and the build fails.
+    pub timeout: Timeout,
     pub actions: Vec<Action>,
 }
 
@@ -89,12 +91,18 @@ impl Plan {
 pub fn plan(recipe: &Recipe, test: bool) -> Plan {
     let mut phases = vec![Phase {
         label: "partition and format".into(),
+        timeout: recipe.step_timeout,
         actions: prepare_disk(recipe),
     }];
     let count = recipe.steps.len();
     for (i, step) in recipe.steps.iter().enumerate() {
+        let timeout = match step {
+            Step::Run(run) => run.timeout,
+            _ => None,
+        };
         phases.push(Phase {
             label: format!("step {}/{count} ({})", i + 1, step.kind()),
+            timeout: timeout.unwrap_or(recipe.step_timeout),
             actions: step_actions(recipe, step, test),
         });
     }

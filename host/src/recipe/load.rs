@@ -3,6 +3,7 @@
 
 use super::error::RecipeError;
 use super::model::*;
+use super::trust::{self, Trust};
 use super::{HostSource, Recipe};
 use crate::arch::Arch;
 use sha2::{Digest, Sha256};
@@ -19,7 +20,7 @@ struct Source {
     body: Body,
 }
 
-pub fn load(path: &Path, arch_override: Option<Arch>) -> Result<Recipe, RecipeError> {
+pub fn load(path: &Path, arch_override: Option<Arch>, trust: Trust) -> Result<Recipe, RecipeError> {
     let mut sources = Vec::new();
     read_chain(path, &BTreeMap::new(), &mut Vec::new(), &mut sources)?;
     let top_path = sources.last().expect("the file itself was read").path.clone();
@@ -115,6 +116,7 @@ pub fn load(path: &Path, arch_override: Option<Arch>) -> Result<Recipe, RecipeEr
         table,
         partitions,
         packages: merged.packages.clone().unwrap_or_default(),
+        step_timeout: merged.step_timeout.unwrap_or(super::Timeout::DEFAULT),
         steps,
         outputs,
         tests: merged.tests.clone().unwrap_or_default(),
@@ -130,11 +132,15 @@ pub fn load(path: &Path, arch_override: Option<Arch>) -> Result<Recipe, RecipeEr
         },
     };
     super::validate::check(&recipe, &locate)?;
+    if merged.snapshot.is_none() {
+        trust::mirror(&recipe.mirror, trust).map_err(|message| err("mirror:", message))?;
+    }
     let dir = recipe.dir().to_owned();
     for step in &mut recipe.steps {
         if let Step::Copy(copy) = step {
-            let source = HostSource::read(&dir.join(&copy.from))
-                .map_err(|e| err(&copy.from, format!("cannot read `{}`: {e}", copy.from)))?;
+            let path = trust::copy_source(&dir, &copy.from, trust).map_err(|message| err(&copy.from, message))?;
+            let source =
+                HostSource::read(&path).map_err(|e| err(&copy.from, format!("cannot read `{}`: {e}", copy.from)))?;
             copy.source = Some(source);
         }
     }
@@ -289,7 +295,8 @@ fn merge(into: &mut Body, from: Body) {
         mirror,
         snapshot,
         components,
-        outputs
+        outputs,
+        step_timeout
     );
     if let Some(disk) = from.disk {
         let target = into.disk.get_or_insert_with(DiskBody::default);

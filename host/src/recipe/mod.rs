@@ -7,12 +7,16 @@ mod host_source;
 mod load;
 mod model;
 mod size;
+mod timeout;
+pub mod trust;
 mod validate;
 
 pub use error::RecipeError;
 pub use host_source::{HostSource, SourceKind};
 pub use model::*;
 pub use size::Size;
+pub use timeout::Timeout;
+pub use trust::Trust;
 
 use crate::arch::Arch;
 use std::path::{Path, PathBuf};
@@ -31,6 +35,8 @@ pub struct Recipe {
     pub table: TableKind,
     pub partitions: Vec<Partition>,
     pub packages: Vec<String>,
+    /// How long a step may take unless it says otherwise.
+    pub step_timeout: Timeout,
     /// Always starts with bootstrap and ends with finalize.
     pub steps: Vec<Step>,
     pub outputs: Vec<OutputFormat>,
@@ -41,9 +47,15 @@ pub struct Recipe {
 }
 
 impl Recipe {
-    /// Reads `path` for `arch` (else the recipe's own `arch`, else the host's).
+    /// Reads `path` for `arch` (else the recipe's own `arch`, else the host's), confined
+    /// as [`trust`] says.
     pub fn load(path: &Path, arch: Option<Arch>) -> Result<Recipe, RecipeError> {
-        load::load(path, arch)
+        load::load(path, arch, Trust::Confined)
+    }
+
+    /// [`Recipe::load`] with the trust the user gave the recipe.
+    pub fn load_with(path: &Path, arch: Option<Arch>, trust: Trust) -> Result<Recipe, RecipeError> {
+        load::load(path, arch, trust)
     }
 
     /// The directory `copy` steps are relative to.

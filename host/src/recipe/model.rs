@@ -39,6 +39,8 @@ pub struct Body {
     #[serde(default, with = "serde_yaml_ng::with::singleton_map_recursive")]
     pub steps: Option<Vec<Step>>,
     pub outputs: Option<Vec<OutputFormat>>,
+    /// How long any step may take (default 3h); a `run` step may set its own `timeout`.
+    pub step_timeout: Option<super::Timeout>,
     /// Offline checks of the built image (`imgvm build --test`). Lists from all files are
     /// concatenated. Written `- file: {...}`.
     #[serde(default, with = "serde_yaml_ng::with::singleton_map_recursive")]
@@ -367,6 +369,8 @@ pub struct Run {
     pub chroot: bool,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// How long it may take, instead of the recipe's `step_timeout`.
+    pub timeout: Option<super::Timeout>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

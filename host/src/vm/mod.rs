@@ -14,6 +14,7 @@ pub mod vsock;
 pub use accel::Accel;
 
 use crate::arch::Arch;
+use crate::leftovers::ClaimedDir;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -40,7 +41,7 @@ pub struct Vm {
     proxy_task: Option<tokio::task::JoinHandle<()>>,
     pub accel: Accel,
     // Last: removed after the processes that use it are gone.
-    _dir: tempfile::TempDir,
+    _dir: ClaimedDir,
 }
 
 /// Why the agent could not be reached.
@@ -54,10 +55,7 @@ pub enum BootError {
 
 impl Vm {
     pub async fn start(config: &VmConfig) -> Result<Vm> {
-        let dir = tempfile::Builder::new()
-            .prefix("imgvm-")
-            .tempdir()
-            .context("creating the run directory")?;
+        let dir = ClaimedDir::new_in(&std::env::temp_dir(), "imgvm-run-").context("creating the run directory")?;
         let mut last_error = None;
         // Only the kernel vsock device can collide (on its CID); retry with another.
         for _ in 0..5 {

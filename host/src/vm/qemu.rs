@@ -29,7 +29,7 @@ pub struct Qemu {
 
 impl Qemu {
     /// A qemu with no devices, no display and no reboot (a reboot ends the VM), kept
-    /// from outliving its owner.
+    /// from outliving its owner (see [`crate::child`]).
     ///
     /// Machine and CPU are chosen for boot speed under TCG (see the platform notes): q35
     /// boots the Debian kernel where microvm hangs; cortex-a72 avoids the cost of
@@ -43,7 +43,7 @@ impl Qemu {
         };
         let mut machine = machine.to_owned();
         let memory = format!("{}M", self.memory_mib);
-        let mut cmd = Command::new(self.arch.qemu_binary());
+        let mut cmd = crate::child::command(self.arch.qemu_binary());
         cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
         if self.boot == Boot::DirectKernel {
             if self.arch == Arch::Ppc64el {
@@ -56,8 +56,7 @@ impl Qemu {
             ]);
         }
         cmd.args(["-machine", &machine, "-cpu", cpu, "-accel", self.accel.qemu_arg()])
-            .args(["-m", &memory, "-smp", &self.cpus.to_string()])
-            .kill_on_drop(true);
+            .args(["-m", &memory, "-smp", &self.cpus.to_string()]);
         cmd
     }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 pub const VHOST_VSOCK_DEVICE: &str = "/dev/vhost-vsock";
 
@@ -102,7 +102,7 @@ impl Transport {
         // Bind before the guest can connect.
         let listener = tokio::net::UnixListener::bind(format!("{}_{AGENT_PORT}", uds.display()))?;
         let proxy = tokio::net::UnixListener::bind(format!("{}_{}", uds.display(), AGENT_PORT + 1))?;
-        let mut device = Command::new(binary)
+        let mut device = crate::child::command(binary)
             .arg("--guest-cid=3")
             .arg("--socket")
             .arg(&socket)
@@ -111,7 +111,6 @@ impl Transport {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot run {}", binary.display()))?;
         for _ in 0..200 {

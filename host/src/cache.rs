@@ -2,6 +2,13 @@
 
 use std::path::PathBuf;
 
+/// The content-addressed store of verified downloads, named by their SHA256: packages
+/// and indexes, whether the host fetched them for the appliance or the package proxy
+/// for a guest. Nothing enters it unchecked.
+pub fn verified() -> PathBuf {
+    dir().join("archive").join("sha256")
+}
+
 /// `$IMGVM_CACHE_DIR`, else `$XDG_CACHE_HOME/imgvm`, else `~/.cache/imgvm`.
 pub fn dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("IMGVM_CACHE_DIR") {

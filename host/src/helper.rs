@@ -4,7 +4,7 @@
 use crate::appliance::Spec;
 use crate::arch::Arch;
 use crate::archive::Fetcher;
-use crate::session::Session;
+use crate::session::{Session, SessionError};
 use crate::vm::{Accel, Vm, VmConfig};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -32,6 +32,8 @@ pub struct HelperOptions {
 
 pub struct Helper {
     pub vm: Vm,
+    /// The disks attached, for saying which one could not be written.
+    disks: Vec<PathBuf>,
     pub session: Session,
     /// Launch to agent handshake.
     pub boot_time: Duration,
@@ -113,6 +115,7 @@ impl Helper {
                 vm.serve_proxy(proxy.clone());
                 Ok(Helper {
                     vm,
+                    disks: config.disks.clone(),
                     session,
                     boot_time,
                     proxy,
@@ -129,6 +132,32 @@ impl Helper {
         }
     }
 
+    /// `error` with what the VM's state says about it, when the session to the agent
+    /// broke: a paused VM (qemu stops a guest whose disk write failed with ENOSPC, and
+    /// the agent then looks hung) is the host's full disk; a panicked guest is a crash.
+    pub async fn explain(&self, error: anyhow::Error) -> anyhow::Error {
+        let broken = error
+            .chain()
+            .any(|e| matches!(e.downcast_ref(), Some(SessionError::Silent(_) | SessionError::Lost(_))));
+        if !broken {
+            return error;
+        }
+        let status = self.vm.status().await;
+        let tail = self.vm.console_tail(CONSOLE_TAIL);
+        match status.as_deref() {
+            Some("io-error") => error.context(full_disk(&self.disks)),
+            Some("guest-panicked") | None => {
+                let what = if tail.contains("Kernel panic") {
+                    "the helper VM's kernel panicked"
+                } else {
+                    "the helper VM stopped"
+                };
+                error.context(format!("{what}\n--- last lines of its serial console ---\n{tail}\n---"))
+            }
+            Some(_) => error,
+        }
+    }
+
     /// Ends the session and waits for the VM to power off.
     pub async fn shutdown(self) -> Result<()> {
         self.session.shutdown().await;
@@ -139,9 +168,53 @@ impl Helper {
     }
 }
 
+/// Why qemu paused the VM on a write error, naming the disks and their free space.
+fn full_disk(disks: &[PathBuf]) -> String {
+    let disks: Vec<String> = disks
+        .iter()
+        .map(|disk| match free_bytes(disk) {
+            Some(free) => format!("{} ({} free there)", disk.display(), indicatif::HumanBytes(free)),
+            None => disk.display().to_string(),
+        })
+        .collect();
+    format!(
+        "the host's disk is full: qemu paused the helper VM when a write to {} failed; \
+         free some space (or use another output directory) and build again",
+        disks.join(", ")
+    )
+}
+
+/// Bytes an unprivileged user may still write on the filesystem holding `path`.
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills a zeroed struct from a NUL-terminated path.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
 pub fn default_cpus() -> u32 {
     std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1)
         .min(8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_named_with_its_free_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.raw");
+        std::fs::write(&disk, b"").unwrap();
+        let message = full_disk(std::slice::from_ref(&disk));
+        assert!(message.starts_with("the host's disk is full"), "{message}");
+        assert!(message.contains(&format!("{} (", disk.display())), "{message}");
+        assert!(message.contains("free there)"), "{message}");
+    }
 }

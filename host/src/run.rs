@@ -44,7 +44,10 @@ pub async fn run(request: RunRequest, cancel: CancellationToken) -> Result<i32> 
         helper = Helper::boot(&request.helper, &fetcher) => helper?,
         _ = cancel.cancelled() => bail!("cancelled while starting the helper VM"),
     };
-    let result = work(&helper, &request, &cancel).await;
+    let result = match work(&helper, &request, &cancel).await {
+        Ok(code) => Ok(code),
+        Err(e) => Err(helper.explain(e).await),
+    };
     helper.shutdown().await?;
     result
 }

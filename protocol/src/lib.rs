@@ -22,6 +22,9 @@ mod operations;
 mod image;
 mod message;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use bytes::Bytes;
 pub use frame::{
     blocking, decode, encode, encode_payload, payload_len, FrameDecoder, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN,

@@ -119,8 +119,7 @@ impl Spec {
     fn assemble(&self, fetcher: &Fetcher) -> Result<Appliance> {
         let def = &self.definition;
         let arch = self.arch;
-        let cache = crate::cache::dir();
-        let archive = Archive::new(&def.mirror, &def.suite, &cache.join("archive"), fetcher.clone());
+        let archive = Archive::new(&def.mirror, &def.suite, &crate::cache::verified(), fetcher.clone());
         tracing::info!("resolving the {arch} appliance from {} {}", def.mirror, def.suite);
         let index = archive.index(arch)?;
         let kernel_meta = def.kernel_package(arch)?;

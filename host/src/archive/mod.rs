@@ -11,7 +11,7 @@ mod release;
 pub use deb::extract_data;
 pub use fetch::{hex, Fetcher, Stats, Status};
 pub use packages::{Package, PackageIndex};
-pub use release::KEYRING;
+pub use release::{now, Freshness, Release, KEYRING};
 
 use crate::arch::Arch;
 use anyhow::{Context, Result};
@@ -22,16 +22,17 @@ pub struct Archive {
     mirror: String,
     suite: String,
     fetcher: Fetcher,
-    cache: PathBuf,
+    /// Where verified files are kept, named by their SHA256 ([`crate::cache::verified`]).
+    store: PathBuf,
 }
 
 impl Archive {
-    pub fn new(mirror: &str, suite: &str, cache: &Path, fetcher: Fetcher) -> Self {
+    pub fn new(mirror: &str, suite: &str, store: &Path, fetcher: Fetcher) -> Self {
         Archive {
             mirror: mirror.trim_end_matches('/').to_owned(),
             suite: suite.to_owned(),
             fetcher,
-            cache: cache.to_owned(),
+            store: store.to_owned(),
         }
     }
 
@@ -43,7 +44,13 @@ impl Archive {
     pub fn index(&self, arch: Arch) -> Result<PackageIndex> {
         let url = format!("{}/dists/{}/InRelease", self.mirror, self.suite);
         let signed = self.fetcher.get(&url).with_context(|| format!("fetching {url}"))?;
-        let release = release::Release::verify(&signed).with_context(|| format!("verifying the signature of {url}"))?;
+        let freshness = if self.mirror.contains("://snapshot.debian.org/") {
+            release::Freshness::Snapshot
+        } else {
+            release::Freshness::At(release::now())
+        };
+        let release =
+            release::Release::verify(&signed, &self.suite, freshness).with_context(|| format!("verifying {url}"))?;
         let path = format!("main/binary-{}/Packages.xz", arch.debian());
         let entry = release
             .file(&path)
@@ -62,7 +69,7 @@ impl Archive {
     }
 
     fn cached(&self, url: &str, sha256: &str, size: u64) -> Result<PathBuf> {
-        let path = self.cache.join("sha256").join(sha256);
+        let path = self.store.join(sha256);
         if !path.exists() {
             self.fetcher.download(url, sha256, size, &path)?;
         }

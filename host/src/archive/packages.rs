@@ -64,6 +64,10 @@ impl PackageIndex {
         Ok(PackageIndex { packages, providers })
     }
 
+    pub fn packages(&self) -> impl Iterator<Item = &Package> {
+        self.packages.values()
+    }
+
     pub fn get(&self, name: &str) -> Option<&Package> {
         self.packages.get(name)
     }

@@ -261,7 +261,10 @@ async fn run_steps(
         }
         Ok::<_, anyhow::Error>(())
     };
-    let result = work.await;
+    let result = match work.await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(helper.explain(e).await),
+    };
     let (downloaded, cached) = helper.proxy.debs();
     tracing::info!(
         downloaded_debs = downloaded,

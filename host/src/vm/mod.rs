@@ -157,6 +157,14 @@ impl Vm {
         }));
     }
 
+    /// qemu's run state (`running`, `io-error`, `guest-panicked`, ...), if it answers.
+    pub async fn status(&self) -> Option<String> {
+        tokio::time::timeout(Duration::from_secs(5), qmp::status(&self.qmp_path))
+            .await
+            .ok()?
+            .ok()
+    }
+
     /// The last lines the VM printed on its serial console.
     pub fn console_tail(&self, lines: usize) -> String {
         self.console.tail(lines)

@@ -2,13 +2,17 @@
 //! HTTP/1.1 forward proxy that answers GET and HEAD for URLs under the allowed mirrors
 //! and nothing else, so code in the guest cannot reach anything else the host can.
 //!
-//! Pool files and by-hash indexes never change once published, so they are cached by
-//! URL; everything else (release files, indexes by name) is fetched anew each time. apt
-//! in the guest verifies what it gets, as it would from any mirror.
+//! What the proxy can check against a signed release (see [`known`]) it keeps in
+//! imgvm's verified store and serves from there next time; everything else (releases,
+//! files it has no checksum for) is fetched anew each time. apt in the guest verifies
+//! what it gets, as it would from any mirror.
 
-use crate::archive::{hex, Fetcher, Status};
+mod known;
+
+use crate::archive::{hex, Fetcher, Freshness, Status};
+use known::{Expected, Known};
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -27,7 +31,9 @@ pub struct Proxy {
     allowed: Vec<String>,
     connections: Arc<tokio::sync::Semaphore>,
     fetcher: Fetcher,
-    cache: PathBuf,
+    /// [`crate::cache::verified`].
+    store: PathBuf,
+    known: Arc<Known>,
     /// Packages fetched from the mirror, as opposed to served from the cache.
     debs_downloaded: AtomicU64,
     debs_cached: AtomicU64,
@@ -41,13 +47,16 @@ impl Proxy {
             .iter()
             .map(|m| format!("{}/", m.trim_end_matches('/')))
             .collect();
+        // Earlier versions cached by URL, unverified: nothing there can be trusted.
+        let _ = std::fs::remove_dir_all(crate::cache::dir().join("proxy"));
         let prefixes = allowed.clone();
         let fetcher = fetcher.redirecting_only_to(Arc::new(move |url: &str| under(&prefixes, url)));
         Arc::new(Proxy {
             allowed,
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             fetcher,
-            cache: crate::cache::dir().join("proxy"),
+            store: crate::cache::verified(),
+            known: Arc::default(),
             debs_downloaded: AtomicU64::new(0),
             debs_cached: AtomicU64::new(0),
             bytes_downloaded: AtomicU64::new(0),
@@ -127,30 +136,91 @@ impl Proxy {
         writer.flush().await
     }
 
-    /// The body of `url`: from the cache, or fetched (and cached when immutable).
+    /// The body of `url`: from the verified store, or fetched (and stored when its
+    /// checksum is known and matches).
     async fn file(&self, url: &str) -> anyhow::Result<Body> {
-        let immutable = url.contains("/pool/") || url.contains("/by-hash/");
-        let cached = self.cache.join(hex(&Sha256::digest(url.as_bytes())));
+        let path = self
+            .allowed
+            .iter()
+            .find_map(|prefix| url.strip_prefix(prefix.as_str()))
+            .unwrap_or(url)
+            .to_owned();
         let deb = url.ends_with(".deb");
-        if immutable && cached.is_file() {
-            if deb {
-                self.debs_cached.fetch_add(1, Ordering::Relaxed);
+        let expected = self.known.expected(&path);
+        if let Some(expected) = &expected {
+            let stored = self.store.join(&expected.sha256);
+            let (check, file, known) = (expected.clone(), stored.clone(), self.known.clone());
+            let good = tokio::task::spawn_blocking(move || {
+                let good = matches(&file, &check);
+                if good {
+                    known.index(&check.sha256, &file);
+                }
+                good
+            });
+            if good.await? {
+                if deb {
+                    self.debs_cached.fetch_add(1, Ordering::Relaxed);
+                }
+                // Most recently used, for trimming the cache.
+                let _ = std::fs::File::open(&stored).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                return Ok(Body::Cached(stored));
             }
-            return Ok(Body::Cached(cached));
+            if stored.exists() {
+                tracing::warn!("package proxy: {} fails its check; fetching it again", stored.display());
+                let _ = std::fs::remove_file(&stored);
+            }
         }
-        let (fetcher, url, dir) = (self.fetcher.clone(), url.to_owned(), self.cache.clone());
-        let tmp = tokio::task::spawn_blocking(move || fetcher.fetch(&url, &dir)).await??;
-        self.bytes_downloaded
-            .fetch_add(tmp.as_file().metadata()?.len(), Ordering::Relaxed);
+        let (fetcher, owned_url, dir) = (self.fetcher.clone(), url.to_owned(), self.store.clone());
+        let (known, owned_path) = (self.known.clone(), path.clone());
+        let (tmp, sha256) = tokio::task::spawn_blocking(move || {
+            let tmp = fetcher.fetch(&owned_url, &dir)?;
+            let sha256 = sha256_of(tmp.path())?;
+            if owned_path.ends_with("/InRelease") {
+                let freshness = if owned_url.contains("://snapshot.debian.org/") {
+                    Freshness::Snapshot
+                } else {
+                    Freshness::At(crate::archive::now())
+                };
+                known.release(&owned_path, &std::fs::read(tmp.path())?, freshness);
+            }
+            known.index(&sha256, tmp.path());
+            anyhow::Ok((tmp, sha256))
+        })
+        .await??;
+        let len = tmp.as_file().metadata()?.len();
+        self.bytes_downloaded.fetch_add(len, Ordering::Relaxed);
         if deb {
             self.debs_downloaded.fetch_add(1, Ordering::Relaxed);
         }
-        if immutable {
-            tmp.persist(&cached)?;
-            return Ok(Body::Cached(cached));
+        let Some(expected) = expected else {
+            return Ok(Body::Fresh(tmp));
+        };
+        if sha256 != expected.sha256 || expected.size.is_some_and(|size| size != len) {
+            // Not cached and not served: apt would refuse it, and then retry.
+            return Err(anyhow::Error::new(Status(502)).context(format!(
+                "the mirror sent {len} bytes with SHA256 {sha256}; the signed index says {} with SHA256 {}",
+                expected.size.map_or("any size".into(), |s| format!("{s} bytes")),
+                expected.sha256
+            )));
         }
-        Ok(Body::Fresh(tmp))
+        let stored = self.store.join(&sha256);
+        tmp.persist(&stored)?;
+        Ok(Body::Cached(stored))
     }
+}
+
+/// Whether `file` exists with the expected size and checksum.
+fn matches(file: &Path, expected: &Expected) -> bool {
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    expected.size.is_none_or(|size| size == meta.len()) && sha256_of(file).is_ok_and(|sha| sha == expected.sha256)
+}
+
+fn sha256_of(file: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(file)?, &mut hasher)?;
+    Ok(hex(&hasher.finalize()))
 }
 
 /// Whether `url` names a file under one of the mirror `prefixes`: after the prefix, only
@@ -189,6 +259,26 @@ fn percent_decode(text: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// The body of the request-head fuzz target (`host/fuzz`), here so that its committed
+/// corpus replays in the normal test run (`tests/fuzz_corpus.rs`).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parses `data` as a guest's request head. Nothing may panic; a head that parses has
+    /// a method and a URL without spaces or line ends, and never more than the limit.
+    pub fn request_head(data: &[u8]) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let mut reader = tokio::io::BufReader::new(data);
+        if let Ok(Some(head)) = runtime.block_on(super::read_head(&mut reader)) {
+            for text in [&head.method, &head.url] {
+                assert!(!text.is_empty() && !text.contains([' ', '\r', '\n']), "{text:?}");
+            }
+            assert!(head.method.len() + head.url.len() <= super::MAX_HEAD);
+        }
+    }
 }
 
 enum Body {
@@ -243,10 +333,14 @@ async fn read_head(reader: &mut (impl AsyncBufReadExt + Unpin)) -> Result<Option
         }
         lines.push(line);
     }
-    let mut request = lines[0].split(' ');
-    let (Some(method), Some(url), Some(version)) = (request.next(), request.next(), request.next()) else {
+    // `METHOD SP TARGET SP HTTP/1.x`, nothing more or less.
+    let parts: Vec<&str> = lines[0].split(' ').collect();
+    let [method, url, version] = parts[..] else {
         return Err(format!("malformed request line `{}`", lines[0]));
     };
+    if method.is_empty() || url.is_empty() || !version.starts_with("HTTP/1.") {
+        return Err(format!("malformed request line `{}`", lines[0]));
+    }
     let close = version == "HTTP/1.0"
         || lines[1..].iter().any(|h| {
             h.split_once(':')

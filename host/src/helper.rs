@@ -135,7 +135,7 @@ impl Helper {
     /// `error` with what the VM's state says about it, when the session to the agent
     /// broke: a paused VM (qemu stops a guest whose disk write failed with ENOSPC, and
     /// the agent then looks hung) is the host's full disk; a panicked guest is a crash.
-    pub async fn explain(&self, error: anyhow::Error) -> anyhow::Error {
+    pub async fn explain(&mut self, error: anyhow::Error) -> anyhow::Error {
         let broken = error
             .chain()
             .any(|e| matches!(e.downcast_ref(), Some(SessionError::Silent(_) | SessionError::Lost(_))));
@@ -143,11 +143,13 @@ impl Helper {
             return error;
         }
         let status = self.vm.status().await;
-        let tail = self.vm.console_tail(CONSOLE_TAIL);
         match status.as_deref() {
             Some("io-error") => error.context(full_disk(&self.disks)),
             Some("guest-panicked") | None => {
-                let what = if tail.contains("Kernel panic") {
+                // The console is complete once qemu is gone.
+                self.vm.exited_within(Duration::from_secs(5)).await;
+                let tail = self.vm.console_tail(CONSOLE_TAIL);
+                let what = if self.vm.console_shows("Kernel panic") {
                     "the helper VM's kernel panicked"
                 } else {
                     "the helper VM stopped"
@@ -172,7 +174,7 @@ impl Helper {
 fn full_disk(disks: &[PathBuf]) -> String {
     let disks: Vec<String> = disks
         .iter()
-        .map(|disk| match free_bytes(disk) {
+        .map(|disk| match crate::transfer::free_bytes(disk) {
             Some(free) => format!("{} ({} free there)", disk.display(), indicatif::HumanBytes(free)),
             None => disk.display().to_string(),
         })
@@ -182,18 +184,6 @@ fn full_disk(disks: &[PathBuf]) -> String {
          free some space (or use another output directory) and build again",
         disks.join(", ")
     )
-}
-
-/// Bytes an unprivileged user may still write on the filesystem holding `path`.
-fn free_bytes(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs fills a zeroed struct from a NUL-terminated path.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return None;
-    }
-    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 pub fn default_cpus() -> u32 {

@@ -40,7 +40,7 @@ pub struct RunRequest {
 /// The exit status for the process: the command's own, 130 when cancelled.
 pub async fn run(request: RunRequest, cancel: CancellationToken) -> Result<i32> {
     let fetcher = Fetcher::default();
-    let helper = tokio::select! {
+    let mut helper = tokio::select! {
         helper = Helper::boot(&request.helper, &fetcher) => helper?,
         _ = cancel.cancelled() => bail!("cancelled while starting the helper VM"),
     };
@@ -100,7 +100,7 @@ async fn work(helper: &Helper, request: &RunRequest, cancel: &CancellationToken)
         Err(e) => bail!("{e}"),
     };
     for copy in &request.copy_out {
-        crate::transfer::copy_out(session, &copy.from, Path::new(&copy.to), cancel)
+        crate::transfer::copy_out(session, &copy.from, Path::new(&copy.to), None, cancel)
             .await
             .with_context(|| format!("--copy-out {}:{}", copy.from, copy.to))?;
     }

@@ -30,6 +30,10 @@ pub enum SessionError {
     Lost(String),
     #[error("the agent has not been heard from for {0:?}: the helper VM is hung or overloaded")]
     Silent(Duration),
+    #[error("the guest sent more than {limit} bytes of {path}; stopped")]
+    TooLarge { path: String, limit: u64 },
+    #[error("writing what the guest sent: {0}")]
+    Sink(String),
 }
 
 /// How long the agent may stay silent (it sends a heartbeat every
@@ -319,12 +323,15 @@ impl Session {
         request.feed(Box::new(source), &mut |_| {}, cancel).await
     }
 
-    /// Streams the guest's `path` into `sink`.
+    /// Streams the guest's `path` into `sink`, at most `limit` bytes of it: the guest
+    /// decides how much it sends (a sparse file in a tar stream expands), the host how
+    /// much it writes.
     pub async fn download(
         &self,
         path: &str,
         format: Transfer,
         sink: &mut (impl AsyncWrite + Unpin),
+        limit: u64,
         cancel: &CancellationToken,
     ) -> Result<Reply, SessionError> {
         let mut request = self
@@ -334,6 +341,7 @@ impl Session {
             })
             .await?;
         let mut cancelled = false;
+        let mut written = 0u64;
         loop {
             let message = tokio::select! {
                 m = request.next() => m?,
@@ -345,15 +353,21 @@ impl Session {
             };
             match message {
                 GuestMessage::Data { chunk, .. } => {
+                    written += chunk.len() as u64;
+                    if written > limit {
+                        request.cancel().await?;
+                        return Err(SessionError::TooLarge {
+                            path: path.to_owned(),
+                            limit,
+                        });
+                    }
                     sink.write_all(&chunk)
                         .await
-                        .map_err(|e| SessionError::Lost(format!("writing download: {e}")))?;
+                        .map_err(|e| SessionError::Sink(e.to_string()))?;
                     request.credit(chunk.len() as u64).await?;
                 }
                 GuestMessage::Done { result, .. } => {
-                    sink.flush()
-                        .await
-                        .map_err(|e| SessionError::Lost(format!("writing download: {e}")))?;
+                    sink.flush().await.map_err(|e| SessionError::Sink(e.to_string()))?;
                     return Ok(result);
                 }
                 _ => {}

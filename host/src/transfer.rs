@@ -31,13 +31,25 @@ pub async fn copy_in(session: &Session, source: &Path, dest: &str, cancel: &Canc
         .map_err(|e| anyhow::anyhow!("copying {} into the VM: {e}", source.display()))
 }
 
+/// Space left free on the host's disk whatever a guest sends.
+const RESERVE: u64 = 1 << 30;
+
 /// A guest file (or with a trailing `/` a directory, as a tar archive) to `dest` on the
-/// host, which appears only once complete.
-pub async fn copy_out(session: &Session, source: &str, dest: &Path, cancel: &CancellationToken) -> Result<()> {
+/// host, which appears only once complete; at most `limit` bytes, and never so much
+/// that less than [`RESERVE`] stays free where `dest` is written.
+pub async fn copy_out(
+    session: &Session,
+    source: &str,
+    dest: &Path,
+    limit: Option<u64>,
+    cancel: &CancellationToken,
+) -> Result<()> {
     let dir = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let room = free_bytes(dir).map_or(u64::MAX, |free| free.saturating_sub(RESERVE));
+    let limit = limit.unwrap_or(u64::MAX).min(room);
     let tmp = crate::leftovers::partial_file(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
     let format = if source.ends_with('/') {
         Transfer::Tar
@@ -45,7 +57,7 @@ pub async fn copy_out(session: &Session, source: &str, dest: &Path, cancel: &Can
         Transfer::File
     };
     let mut file = tokio::fs::File::from_std(tmp.reopen()?);
-    let reply = session.download(source, format, &mut file, cancel).await?;
+    let reply = session.download(source, format, &mut file, limit, cancel).await?;
     reply.map_err(|e| anyhow::anyhow!("copying {source} out of the VM: {e}"))?;
     file.sync_all().await?;
     // Temporary files are private; the result gets the permissions of any new file.
@@ -73,4 +85,16 @@ pub fn tar_stream(dir: &Path) -> Result<(tokio::process::Child, tokio::process::
         .context("running tar")?;
     let stdout = tar.stdout.take().expect("piped");
     Ok((tar, stdout))
+}
+
+/// Bytes an unprivileged user may still write on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills a zeroed struct from a NUL-terminated path.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
 }

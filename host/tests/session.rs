@@ -373,7 +373,7 @@ async fn data_beyond_the_granted_window_is_a_protocol_error() {
     let fake = tokio::spawn(fake);
     let mut sink = SlowSink;
     let cancel = CancellationToken::new();
-    let download = session.download("/x", Transfer::File, &mut sink, &cancel);
+    let download = session.download("/x", Transfer::File, &mut sink, u64::MAX, &cancel);
     let result = tokio::time::timeout(Duration::from_secs(10), download).await.unwrap();
     fake.abort();
     let err = result.unwrap_err();
@@ -417,4 +417,44 @@ impl tokio::io::AsyncWrite for SlowSink {
     ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
+}
+
+#[tokio::test]
+async fn a_download_stops_at_its_limit() {
+    use imgvm_protocol::Transfer;
+    let (session, mut guest) = handshaken().await;
+    let fake = async move {
+        let HostMessage::Request { id, .. } = read_host(&mut guest).await else {
+            panic!("expected a request")
+        };
+        // Endless data, within the flow control: the host must stop it, not store it.
+        loop {
+            let data = GuestMessage::Data {
+                id,
+                chunk: vec![0u8; 32 * 1024],
+            };
+            if guest.write_all(&encode(&data).unwrap()).await.is_err() {
+                break;
+            }
+            match read_host(&mut guest).await {
+                HostMessage::Credit { .. } | HostMessage::Ack { .. } => {}
+                HostMessage::Cancel { .. } => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        guest
+    };
+    let fake = tokio::spawn(fake);
+    let mut sink = Vec::new();
+    let cancel = CancellationToken::new();
+    let download = session.download("/big", Transfer::File, &mut sink, 100_000, &cancel);
+    let result = tokio::time::timeout(Duration::from_secs(10), download).await.unwrap();
+    let err = result.unwrap_err();
+    assert!(matches!(&err, SessionError::TooLarge { limit: 100_000, .. }), "{err}");
+    assert!(sink.len() <= 100_000, "{} bytes written", sink.len());
+    // The agent was told to stop.
+    tokio::time::timeout(Duration::from_secs(5), fake)
+        .await
+        .unwrap()
+        .unwrap();
 }

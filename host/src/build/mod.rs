@@ -95,15 +95,42 @@ impl TestReport {
     }
 }
 
-/// The build log: every line of every step, with step boundaries and times.
+/// The image's disk in the staging directory, before conversion to the outputs.
+const DISK_FILE: &str = "disk.raw";
+
+/// The build log: every line of every step, with step boundaries and times, up to
+/// [`LOG_LIMIT`]: the guest decides how much its steps print.
 struct Log {
     file: std::io::BufWriter<std::fs::File>,
+    written: u64,
 }
 
+/// Largest build log; a step that prints more has its further lines left out (the last
+/// lines of a failure are in its error).
+const LOG_LIMIT: u64 = 256 << 20;
+
 impl Log {
+    fn new(file: std::fs::File) -> Log {
+        Log {
+            file: std::io::BufWriter::new(file),
+            written: 0,
+        }
+    }
+
     /// Flushed line by line, so that `tail -f` follows a running build.
     fn line(&mut self, text: &str) {
-        let _ = writeln!(self.file, "{text}");
+        if self.written > LOG_LIMIT {
+            return;
+        }
+        self.written += text.len() as u64 + 1;
+        let _ = if self.written > LOG_LIMIT {
+            writeln!(
+                self.file,
+                "[imgvm: the log reached {LOG_LIMIT} bytes; further lines are left out]"
+            )
+        } else {
+            writeln!(self.file, "{text}")
+        };
         let _ = self.file.flush();
     }
 }
@@ -116,12 +143,10 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
     // Outputs are assembled next to where they will end up, then renamed into place.
     let staging = crate::leftovers::ClaimedDir::new_in(&options.output, ".imgvm-build-")
         .with_context(|| format!("cannot write in {}", options.output.display()))?;
-    let disk = staging.path().join("disk.raw");
+    let disk = staging.path().join(DISK_FILE);
     std::fs::File::create(&disk)?.set_len(recipe.disk_size.bytes())?;
     let log_path = staging.path().join(format!("{name}.build.log"));
-    let mut log = Log {
-        file: std::io::BufWriter::new(std::fs::File::create(&log_path)?),
-    };
+    let mut log = Log::new(std::fs::File::create(&log_path)?);
     log.line(&format!(
         "imgvm {} building {} ({}) for {}",
         env!("CARGO_PKG_VERSION"),
@@ -245,7 +270,7 @@ async fn run_steps(
         proxy_mirrors: vec![recipe.mirror.clone()],
     };
     let fetcher = Fetcher::default();
-    let helper = tokio::select! {
+    let mut helper = tokio::select! {
         helper = Helper::boot(&helper_options, &fetcher) => helper?,
         _ = cancel.cancelled() => bail!("cancelled while starting the helper VM"),
     };
@@ -433,7 +458,10 @@ async fn run_action(
         }
         Action::RootfsTarball => {
             let tarball = staging.join("rootfs.tar");
-            return crate::transfer::copy_out(session, &format!("{TARGET}/"), &tarball, cancel).await;
+            // The tree cannot hold more than the disk; sparse files expanded by tar
+            // could, and then the guest is not to be believed.
+            let limit = 2 * std::fs::metadata(staging.join(DISK_FILE))?.len();
+            return crate::transfer::copy_out(session, &format!("{TARGET}/"), &tarball, Some(limit), cancel).await;
         }
     };
     Ok(())
@@ -521,6 +549,22 @@ mod tests {
         let result = within(Duration::from_secs(30), &token, std::future::pending::<()>()).await;
         assert_eq!(result, Err(TimedOut));
         assert_eq!(started.elapsed(), Duration::from_secs(30) + STOP_GRACE);
+    }
+
+    #[test]
+    fn the_build_log_stops_growing_at_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut log = Log::new(std::fs::File::create(&path).unwrap());
+        let line = "x".repeat(1 << 20);
+        for _ in 0..(LOG_LIMIT >> 20) + 10 {
+            log.line(&line);
+        }
+        drop(log);
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size <= LOG_LIMIT + 200, "{size}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with("further lines are left out]\n"));
     }
 
     #[tokio::test(start_paused = true)]

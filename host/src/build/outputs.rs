@@ -267,9 +267,7 @@ mod tests {
             tool("tar", &["-c", "-f", "-", "-C", "/etc", "hostname"]),
         )
         .unwrap();
-        let mut log = Log {
-            file: std::io::BufWriter::new(std::fs::File::create(dir.path().join("log")).unwrap()),
-        };
+        let mut log = Log::new(std::fs::File::create(dir.path().join("log")).unwrap());
         let packages = [Package {
             name: "base-files".into(),
             version: "13.8".into(),

@@ -139,12 +139,13 @@ impl Proxy {
     /// The body of `url`: from the verified store, or fetched (and stored when its
     /// checksum is known and matches).
     async fn file(&self, url: &str) -> anyhow::Result<Body> {
-        let path = self
+        // As the index names it: apt escapes `~`, `:` and `+` of package versions.
+        let escaped = self
             .allowed
             .iter()
             .find_map(|prefix| url.strip_prefix(prefix.as_str()))
-            .unwrap_or(url)
-            .to_owned();
+            .unwrap_or(url);
+        let path = percent_decode(escaped).unwrap_or_else(|| escaped.to_owned());
         let deb = url.ends_with(".deb");
         let expected = self.known.expected(&path);
         if let Some(expected) = &expected {

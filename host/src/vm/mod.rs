@@ -1,9 +1,9 @@
 //! Booting the helper VM: qemu with the appliance's kernel and initramfs, the user's
 //! disks as virtio-blk, a vsock transport to reach the agent, QMP to control it and the
-//! serial console captured to a file whose tail explains failures.
+//! serial console captured in memory, whose tail explains failures.
 //!
-//! Everything a VM owns (qemu, the vsock device process, sockets, the console log) lives
-//! in one temporary directory and dies with [`Vm`], on success, error or Ctrl-C alike.
+//! Everything a VM owns (qemu, the vsock device process, sockets) lives in one temporary
+//! directory and dies with [`Vm`], on success, error or Ctrl-C alike.
 
 mod accel;
 mod console;
@@ -81,7 +81,6 @@ impl Vm {
 
     async fn launch(config: &VmConfig, dir: &Path, transport: &vsock::Transport) -> Result<(Child, console::Console)> {
         let arch = config.arch;
-        let console = console::Console::new(dir.join("console.log"));
         let qemu = qemu::Qemu {
             arch,
             accel: config.accel,
@@ -102,11 +101,7 @@ impl Vm {
                     transport.port()
                 ),
             ])
-            .args([
-                "-chardev",
-                &format!("file,id=console,path={}", console.path().display()),
-            ])
-            .args(["-serial", "chardev:console"])
+            .args(["-serial", "stdio"])
             .args([
                 "-qmp",
                 &format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
@@ -117,8 +112,9 @@ impl Vm {
             cmd.arg("-drive").arg(spec);
             cmd.args(["-device", &format!("virtio-blk-pci,drive=disk{i},serial=disk{i}")]);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut qemu = qemu.spawn(&mut cmd)?;
+        let console = console::Console::capture(qemu.stdout.take().expect("piped"));
         // qemu answers QMP only once the machine is built, so a running QMP means the
         // command line was accepted; an early exit carries qemu's reason on stderr.
         let stderr = qemu.stderr.take();
@@ -163,6 +159,17 @@ impl Vm {
             .await
             .ok()?
             .ok()
+    }
+
+    /// Waits up to `limit` for qemu to exit (a guest that crashed reboots, which ends
+    /// qemu), so that its console has said everything; whether it did.
+    pub async fn exited_within(&mut self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.qemu.wait()).await.is_ok()
+    }
+
+    /// Whether the VM's serial console showed `text` (of its last [`console::KEEP`] bytes).
+    pub fn console_shows(&self, text: &str) -> bool {
+        self.console.contains(text)
     }
 
     /// The last lines the VM printed on its serial console.

@@ -70,7 +70,9 @@ impl Archive {
 
     fn cached(&self, url: &str, sha256: &str, size: u64) -> Result<PathBuf> {
         let path = self.store.join(sha256);
-        if !path.exists() {
+        if path.exists() {
+            crate::cache::touch(&path);
+        } else {
             self.fetcher.download(url, sha256, size, &path)?;
         }
         Ok(path)

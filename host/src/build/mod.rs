@@ -136,6 +136,10 @@ impl Log {
 }
 
 pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<Report> {
+    let removed = crate::cache::trim(&crate::cache::verified(), crate::cache::limit());
+    if removed > 0 {
+        tracing::info!("cache: removed {} of least recently used packages", HumanBytes(removed));
+    }
     let recipe = &options.recipe;
     let started = Instant::now();
     let name = format!("{}-{}", recipe.name, recipe.arch);

@@ -162,8 +162,7 @@ impl Proxy {
                 if deb {
                     self.debs_cached.fetch_add(1, Ordering::Relaxed);
                 }
-                // Most recently used, for trimming the cache.
-                let _ = std::fs::File::open(&stored).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                crate::cache::touch(&stored);
                 return Ok(Body::Cached(stored));
             }
             if stored.exists() {

@@ -87,7 +87,10 @@ mod tests {
         assert_eq!(trim(dir.path(), 2000), 1000);
         assert!(!dir.path().join("middle").exists());
         assert!(dir.path().join("old").exists() && dir.path().join("new").exists());
-        assert!(dir.path().join(".imgvm-partial-x").exists(), "a download in progress was removed");
+        assert!(
+            dir.path().join(".imgvm-partial-x").exists(),
+            "a download in progress was removed"
+        );
         assert_eq!(trim(dir.path(), 2000), 0);
     }
 }

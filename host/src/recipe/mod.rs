@@ -6,6 +6,7 @@ mod error;
 mod host_source;
 mod load;
 mod model;
+mod quantity;
 mod size;
 mod timeout;
 pub mod trust;

@@ -17,12 +17,9 @@ impl FromStr for Size {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (number, unit) = s.split_at(split);
-        let number: u64 = number
-            .parse()
-            .map_err(|_| format!("invalid size `{s}`: expected a number and a unit such as 3GiB"))?;
-        let factor: u64 = match unit.trim() {
+        let (number, unit) = super::quantity::split(s)
+            .ok_or_else(|| format!("invalid size `{s}`: expected a number and a unit such as 3GiB"))?;
+        let factor: u64 = match unit {
             "" | "B" => 1,
             "K" | "KiB" => 1 << 10,
             "M" | "MiB" => 1 << 20,
@@ -61,17 +58,8 @@ impl fmt::Display for Size {
 
 impl<'de> serde::Deserialize<'de> for Size {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // Numbers are bytes; strings carry units.
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(Size(n)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        // A bare number is bytes.
+        super::quantity::text(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 

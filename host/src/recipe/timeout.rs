@@ -19,12 +19,9 @@ impl FromStr for Timeout {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (number, unit) = s.split_at(split);
-        let number: u64 = number
-            .parse()
-            .map_err(|_| format!("invalid duration `{s}`: expected a number and a unit such as 30m"))?;
-        let factor = match unit.trim() {
+        let (number, unit) = super::quantity::split(s)
+            .ok_or_else(|| format!("invalid duration `{s}`: expected a number and a unit such as 30m"))?;
+        let factor = match unit {
             "" | "s" => 1,
             "m" | "min" => 60,
             "h" => 3600,
@@ -55,18 +52,8 @@ impl fmt::Display for Timeout {
 
 impl<'de> serde::Deserialize<'de> for Timeout {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // Numbers are seconds; strings carry units.
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        let text = match Raw::deserialize(d)? {
-            Raw::Number(n) => n.to_string(),
-            Raw::Text(s) => s,
-        };
-        text.parse().map_err(serde::de::Error::custom)
+        // A bare number is seconds.
+        super::quantity::text(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -11,7 +11,7 @@ mod release;
 pub use deb::extract_data;
 pub use fetch::{hex, Fetcher, Stats, Status};
 pub use packages::{Package, PackageIndex};
-pub use release::{now, Freshness, Release, KEYRING};
+pub use release::{Freshness, Release, KEYRING};
 
 use crate::arch::Arch;
 use anyhow::{Context, Result};
@@ -44,13 +44,8 @@ impl Archive {
     pub fn index(&self, arch: Arch) -> Result<PackageIndex> {
         let url = format!("{}/dists/{}/InRelease", self.mirror, self.suite);
         let signed = self.fetcher.get(&url).with_context(|| format!("fetching {url}"))?;
-        let freshness = if self.mirror.contains("://snapshot.debian.org/") {
-            release::Freshness::Snapshot
-        } else {
-            release::Freshness::At(release::now())
-        };
         let release =
-            release::Release::verify(&signed, &self.suite, freshness).with_context(|| format!("verifying {url}"))?;
+            Release::verify(&signed, &self.suite, Freshness::of(&url)).with_context(|| format!("verifying {url}"))?;
         let path = format!("main/binary-{}/Packages.xz", arch.debian());
         let entry = release
             .file(&path)

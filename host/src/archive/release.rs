@@ -30,6 +30,17 @@ pub enum Freshness {
     Snapshot,
 }
 
+impl Freshness {
+    /// What a release fetched from `url` must meet, now.
+    pub fn of(url: &str) -> Freshness {
+        if url.contains("://snapshot.debian.org/") {
+            Freshness::Snapshot
+        } else {
+            Freshness::At(now())
+        }
+    }
+}
+
 pub struct Entry {
     pub sha256: String,
     pub size: u64,
@@ -179,7 +190,7 @@ fn parse_date(text: &str) -> Option<i64> {
 }
 
 /// Now, in seconds since the epoch.
-pub fn now() -> i64 {
+fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

@@ -176,12 +176,7 @@ impl Proxy {
             let tmp = fetcher.fetch(&owned_url, &dir)?;
             let sha256 = sha256_of(tmp.path())?;
             if owned_path.ends_with("/InRelease") {
-                let freshness = if owned_url.contains("://snapshot.debian.org/") {
-                    Freshness::Snapshot
-                } else {
-                    Freshness::At(crate::archive::now())
-                };
-                known.release(&owned_path, &std::fs::read(tmp.path())?, freshness);
+                known.release(&owned_path, &std::fs::read(tmp.path())?, Freshness::of(&owned_url));
             }
             known.index(&sha256, tmp.path());
             anyhow::Ok((tmp, sha256))

@@ -26,6 +26,8 @@ pub mod recipe;
 pub mod report;
 pub mod run;
 pub mod session;
+#[cfg(test)]
+mod test_http;
 pub mod text;
 pub mod transfer;
 pub mod vm;

@@ -43,19 +43,24 @@ pub struct Proxy {
 impl Proxy {
     /// `mirrors` are URL prefixes such as `http://deb.debian.org/debian`.
     pub fn new(mirrors: &[String], fetcher: Fetcher) -> Arc<Proxy> {
+        // Earlier versions cached by URL, unverified: nothing there can be trusted.
+        let _ = std::fs::remove_dir_all(crate::cache::dir().join("proxy"));
+        Proxy::with_store(mirrors, fetcher, crate::cache::verified())
+    }
+
+    /// A proxy keeping what it verifies in `store`.
+    fn with_store(mirrors: &[String], fetcher: Fetcher, store: PathBuf) -> Arc<Proxy> {
         let allowed: Vec<String> = mirrors
             .iter()
             .map(|m| format!("{}/", m.trim_end_matches('/')))
             .collect();
-        // Earlier versions cached by URL, unverified: nothing there can be trusted.
-        let _ = std::fs::remove_dir_all(crate::cache::dir().join("proxy"));
         let prefixes = allowed.clone();
         let fetcher = fetcher.redirecting_only_to(Arc::new(move |url: &str| under(&prefixes, url)));
         Arc::new(Proxy {
             allowed,
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             fetcher,
-            store: crate::cache::verified(),
+            store,
             known: Arc::default(),
             debs_downloaded: AtomicU64::new(0),
             debs_cached: AtomicU64::new(0),
@@ -477,6 +482,66 @@ mod tests {
         task.await.unwrap();
         let out = exchange(proxy, "POST http://deb.debian.org/debian/x HTTP/1.0\r\n\r\n").await;
         assert!(out.starts_with("HTTP/1.1 405 "), "{out}");
+    }
+
+    #[tokio::test]
+    async fn only_files_that_match_their_checksum_are_stored_and_served() {
+        use crate::test_http::{ok, serve};
+        let index = "Package: foo\n";
+        let good = hex(&Sha256::digest(index.as_bytes()));
+        let bad = "0".repeat(64);
+        let answer = good.clone();
+        let base = serve(move |path| {
+            if path.ends_with(&answer) {
+                ok(index)
+            } else {
+                ok("tampered")
+            }
+        });
+        let store = tempfile::tempdir().unwrap();
+        let mirror = format!("{base}/debian");
+        let proxy = Proxy::with_store(
+            std::slice::from_ref(&mirror),
+            Fetcher::new(std::time::Duration::from_millis(1)),
+            store.path().to_owned(),
+        );
+        let get = |hash: &str| {
+            format!("GET {mirror}/dists/x/main/by-hash/SHA256/{hash} HTTP/1.1\r\nConnection: close\r\n\r\n")
+        };
+
+        let out = exchange(proxy.clone(), &get(&good)).await;
+        assert!(out.starts_with("HTTP/1.1 200 ") && out.ends_with(index), "{out}");
+        assert_eq!(std::fs::read_to_string(store.path().join(&good)).unwrap(), index);
+
+        // What does not match its name is neither served nor stored.
+        let out = exchange(proxy.clone(), &get(&bad)).await;
+        assert!(out.starts_with("HTTP/1.1 502 ") && out.contains("SHA256"), "{out}");
+        assert!(!store.path().join(&bad).exists());
+
+        // A stored file that no longer matches is fetched again, never served.
+        std::fs::write(store.path().join(&good), "rotten").unwrap();
+        let out = exchange(proxy, &get(&good)).await;
+        assert!(out.ends_with(index), "{out}");
+        assert_eq!(std::fs::read_to_string(store.path().join(&good)).unwrap(), index);
+    }
+
+    #[tokio::test]
+    async fn a_mirror_cannot_redirect_the_proxy_elsewhere() {
+        let base = crate::test_http::serve(|_| {
+            "HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/latest/meta-data/\r\nContent-Length: 0\r\n\r\n"
+                .into()
+        });
+        let store = tempfile::tempdir().unwrap();
+        let mirror = format!("{base}/debian");
+        let proxy = Proxy::with_store(
+            std::slice::from_ref(&mirror),
+            Fetcher::new(std::time::Duration::from_millis(1)),
+            store.path().to_owned(),
+        );
+        let request = format!("GET {mirror}/dists/x/InRelease HTTP/1.1\r\nConnection: close\r\n\r\n");
+        let out = exchange(proxy, &request).await;
+        assert!(out.starts_with("HTTP/1.1 502 "), "{out}");
+        assert!(out.contains("not under an allowed mirror"), "{out}");
     }
 
     #[tokio::test]

@@ -189,21 +189,25 @@ cat /mnt/etc/fstab";
         "{fstab:?}"
     );
 
-    // The first build, on an empty cache, downloaded every package; a second build of
-    // the same recipe gets every one of them from the cache.
+    // The first build, on an empty cache, downloaded its packages (those the helper
+    // appliance shares were stored, verified, when it was assembled just before); a
+    // second build of the same recipe gets every one of them from the cache.
     let (downloaded, cached) = deb_counts(&first);
     assert!(
         downloaded > 100,
         "the first build downloaded only {downloaded} packages"
     );
-    assert_eq!(cached, 0, "the first build found packages in an empty cache");
     let again = dir.join("again");
     std::fs::create_dir(&again).unwrap();
     give_to_user(&again);
     let second = build(&recipe, &again, &cache, &[]);
     let (again_downloaded, again_cached) = deb_counts(&second);
     assert_eq!(again_downloaded, 0, "the second build downloaded packages");
-    assert_eq!(again_cached, downloaded, "the second build used other packages");
+    assert_eq!(
+        again_cached,
+        downloaded + cached,
+        "the second build used other packages"
+    );
 }
 
 #[test]

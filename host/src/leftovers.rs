@@ -9,8 +9,9 @@
 //! - a directory holds a lock file that its owner keeps locked (`flock`) while it lives;
 //!   the kernel drops the lock when the owner dies, however it dies, so a directory
 //!   whose lock can be taken belongs to nobody;
-//! - a partial file is written continuously while its owner lives (downloads time out
-//!   long before [`STALE`]), so one untouched for that long belongs to nobody.
+//! - a partial file is itself locked by its owner, from the moment after it is created
+//!   until it is closed: one whose lock can be taken, and that is older than the gap
+//!   between those two calls, belongs to nobody.
 //!
 //! Whoever creates such a thing in a directory first sweeps that directory.
 
@@ -28,10 +29,13 @@ const OWNER: &str = ".imgvm-owner";
 /// Prefix of partial files.
 const PARTIAL: &str = ".imgvm-partial-";
 
-/// How long a partial file may go unmodified before it counts as abandoned; also how
-/// long a new directory may go without its lock file (its owner is between the two
-/// calls that create them).
+/// How long a new directory may go without its lock file before it counts as abandoned
+/// (its owner is between the two calls that create them).
 pub const STALE: Duration = Duration::from_secs(10 * 60);
+
+/// How long a partial file may go unlocked before it counts as abandoned: its owner
+/// creates it and locks it in two calls.
+const UNLOCKED_GRACE: Duration = Duration::from_secs(10);
 
 /// A temporary directory that is this process's for as long as it lives: removed when
 /// dropped, and by the next run's sweep if this one is killed.
@@ -67,8 +71,8 @@ impl ClaimedDir {
     }
 }
 
-/// A new partial file in `dir`, to be persisted under its final name once complete;
-/// `dir` is swept of abandoned partial files first (once per process).
+/// A new partial file in `dir`, locked while open, to be persisted under its final name
+/// once complete; `dir` is swept of abandoned partial files first (once per process).
 pub fn partial_file(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
     static SWEPT: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
     if SWEPT
@@ -79,7 +83,9 @@ pub fn partial_file(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
     {
         sweep_partial_files(dir);
     }
-    tempfile::Builder::new().prefix(PARTIAL).tempfile_in(dir)
+    let tmp = tempfile::Builder::new().prefix(PARTIAL).tempfile_in(dir)?;
+    lock(tmp.as_file(), false)?;
+    Ok(tmp)
 }
 
 /// Removes every `prefix…` directory in `parent` whose owner is gone.
@@ -94,7 +100,7 @@ pub fn sweep_dirs(parent: &Path, prefix: &str) {
 
 fn sweep_partial_files(dir: &Path) {
     for path in entries(dir, PARTIAL) {
-        if age(&path).is_some_and(|age| age > STALE) {
+        if abandoned_file(&path) {
             tracing::info!("removing {} (left by a run that was killed)", path.display());
             let _ = std::fs::remove_file(&path);
         }
@@ -122,6 +128,11 @@ fn abandoned_dir(path: &Path) -> bool {
         Err(e) if e.kind() == io::ErrorKind::NotFound => age(path).is_some_and(|age| age > STALE),
         Err(_) => false,
     }
+}
+
+fn abandoned_file(path: &Path) -> bool {
+    age(path).is_some_and(|age| age > UNLOCKED_GRACE)
+        && File::open(path).is_ok_and(|file| lock(&file, false).is_ok())
 }
 
 fn age(path: &Path) -> Option<Duration> {
@@ -195,6 +206,27 @@ mod tests {
         sweep_dirs(parent.path(), ".imgvm-run-");
         assert!(young.exists(), "a directory being set up was removed");
         assert!(!old.exists());
+    }
+
+    #[test]
+    fn a_partial_file_whose_owner_died_is_swept_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // A killed run's download: nobody holds its lock, written to a minute ago.
+        let dead = dir.path().join(".imgvm-partial-dead");
+        std::fs::write(&dead, b"half a package").unwrap();
+        set_age(&dead, Duration::from_secs(60));
+        let new = partial_file(dir.path()).unwrap();
+        assert!(!dead.exists(), "the killed run's partial file is still there");
+        assert!(new.path().exists());
+    }
+
+    #[test]
+    fn a_partial_file_whose_owner_lives_is_kept_however_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let slow = partial_file(dir.path()).unwrap();
+        set_age(slow.path(), STALE * 2);
+        sweep_partial_files(dir.path());
+        assert!(slow.path().exists(), "a live download was removed");
     }
 
     #[test]

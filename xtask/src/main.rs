@@ -4,9 +4,11 @@
 //! - `agents`  cross-builds the guest agent for every architecture
 //! - `install` installs `imgvm` and its agents (default prefix: ~/.cargo)
 //! - `test`    setup + agents + the whole test suite (what CI runs)
+//! - `fuzz`    runs the fuzz targets for a while (nightly, installed when it can be)
 //! - `bench`   boot and build benchmarks
 
 mod bench;
+mod fuzz;
 mod setup;
 
 use anyhow::{bail, Context, Result};
@@ -37,9 +39,10 @@ fn dispatch() -> Result<()> {
         Some("agents") => agents("debug").map(drop),
         Some("install") => install(&rest),
         Some("test") => test(&rest),
+        Some("fuzz") => fuzz::run(&rest),
         Some("bench") => bench::run(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|agents|install [--prefix DIR]|test|bench build|bench boot>");
+            eprintln!("usage: cargo xtask <setup|agents|install [--prefix DIR]|test|fuzz [SECONDS]|bench build|bench boot>");
             std::process::exit(2)
         }
     }
@@ -139,6 +142,10 @@ fn test(extra: &[&str]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    if extra.is_empty() {
+        // Before the end-to-end tests: a minute each, and a crash should not wait for them.
+        fuzz::run(&[])?;
+    }
     exec(cargo().args(["build", "--quiet", "--package", "imgvm"]))?;
     let bin_dir = agents("debug")?;
     let mut cmd = cargo();

@@ -12,6 +12,7 @@ mod known;
 use crate::archive::{hex, Fetcher, Freshness, Status};
 use known::{Expected, Known};
 use sha2::{Digest, Sha256};
+use std::io::Seek;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -128,7 +129,7 @@ impl Proxy {
                 return respond(writer, status, &format!("{e:#}"), head.close).await;
             }
         };
-        let mut source = tokio::fs::File::open(file.path()).await?;
+        let mut source = tokio::fs::File::from_std(file);
         let len = source.metadata().await?.len();
         let connection = if head.close { "close" } else { "keep-alive" };
         let header = format!(
@@ -141,9 +142,10 @@ impl Proxy {
         writer.flush().await
     }
 
-    /// The body of `url`: from the verified store, or fetched (and stored when its
-    /// checksum is known and matches).
-    async fn file(&self, url: &str) -> anyhow::Result<Body> {
+    /// The body of `url`, open: from the verified store, or fetched (and stored when its
+    /// checksum is known and matches). What is served is the very file that was checked:
+    /// a trim or another build replacing the store's entry afterwards cannot swap it.
+    async fn file(&self, url: &str) -> anyhow::Result<std::fs::File> {
         // As the index names it: apt escapes `~`, `:` and `+` of package versions.
         let escaped = self
             .allowed
@@ -157,18 +159,16 @@ impl Proxy {
             let stored = self.store.join(&expected.sha256);
             let (check, file, known) = (expected.clone(), stored.clone(), self.known.clone());
             let good = tokio::task::spawn_blocking(move || {
-                let good = matches(&file, &check);
-                if good {
-                    known.index(&check.sha256, &file);
-                }
-                good
+                let good = matching(&file, &check)?;
+                known.index(&check.sha256, &file);
+                Some(good)
             });
-            if good.await? {
+            if let Some(good) = good.await? {
                 if deb {
                     self.debs_cached.fetch_add(1, Ordering::Relaxed);
                 }
                 crate::cache::touch(&stored);
-                return Ok(Body::Cached(stored));
+                return Ok(good);
             }
             if stored.exists() {
                 tracing::warn!("package proxy: {} fails its check; fetching it again", stored.display());
@@ -178,8 +178,9 @@ impl Proxy {
         let (fetcher, owned_url, dir) = (self.fetcher.clone(), url.to_owned(), self.store.clone());
         let (known, owned_path) = (self.known.clone(), path.clone());
         let (tmp, sha256) = tokio::task::spawn_blocking(move || {
-            let tmp = fetcher.fetch(&owned_url, &dir)?;
-            let sha256 = sha256_of(tmp.path())?;
+            let mut tmp = fetcher.fetch(&owned_url, &dir)?;
+            tmp.rewind()?;
+            let sha256 = sha256_of(tmp.as_file_mut())?;
             if owned_path.ends_with("/InRelease") {
                 known.release(&owned_path, &std::fs::read(tmp.path())?, Freshness::of(&owned_url));
             }
@@ -193,7 +194,8 @@ impl Proxy {
             self.debs_downloaded.fetch_add(1, Ordering::Relaxed);
         }
         let Some(expected) = expected else {
-            return Ok(Body::Fresh(tmp));
+            // Served from the open file; its name goes when `tmp` is dropped.
+            return Ok(tmp.reopen()?);
         };
         if sha256 != expected.sha256 || expected.size.is_some_and(|size| size != len) {
             // Not cached and not served: apt would refuse it, and then retry.
@@ -203,23 +205,27 @@ impl Proxy {
                 expected.sha256
             )));
         }
-        let stored = self.store.join(&sha256);
-        tmp.persist(&stored)?;
-        Ok(Body::Cached(stored))
+        let mut file = tmp.persist(self.store.join(&sha256))?;
+        file.rewind()?;
+        Ok(file)
     }
 }
 
-/// Whether `file` exists with the expected size and checksum.
-fn matches(file: &Path, expected: &Expected) -> bool {
-    let Ok(meta) = file.metadata() else {
-        return false;
-    };
-    expected.size.is_none_or(|size| size == meta.len()) && sha256_of(file).is_ok_and(|sha| sha == expected.sha256)
+/// `file`, open at its start, when it exists with the expected size and checksum.
+fn matching(file: &Path, expected: &Expected) -> Option<std::fs::File> {
+    let mut open = std::fs::File::open(file).ok()?;
+    let len = open.metadata().ok()?.len();
+    if expected.size.is_some_and(|size| size != len) || sha256_of(&mut open).ok()? != expected.sha256 {
+        return None;
+    }
+    open.rewind().ok()?;
+    Some(open)
 }
 
-fn sha256_of(file: &Path) -> std::io::Result<String> {
+/// The SHA256 of what `file` holds from its current position on.
+fn sha256_of(file: &mut std::fs::File) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
-    std::io::copy(&mut std::fs::File::open(file)?, &mut hasher)?;
+    std::io::copy(file, &mut hasher)?;
     Ok(hex(&hasher.finalize()))
 }
 
@@ -277,21 +283,6 @@ pub mod fuzzing {
                 assert!(!text.is_empty() && !text.contains([' ', '\r', '\n']), "{text:?}");
             }
             assert!(head.method.len() + head.url.len() <= super::MAX_HEAD);
-        }
-    }
-}
-
-enum Body {
-    Cached(PathBuf),
-    /// Removed once served.
-    Fresh(tempfile::NamedTempFile),
-}
-
-impl Body {
-    fn path(&self) -> &std::path::Path {
-        match self {
-            Body::Cached(path) => path,
-            Body::Fresh(tmp) => tmp.path(),
         }
     }
 }
@@ -523,6 +514,29 @@ mod tests {
         let out = exchange(proxy, &get(&good)).await;
         assert!(out.ends_with(index), "{out}");
         assert_eq!(std::fs::read_to_string(store.path().join(&good)).unwrap(), index);
+    }
+
+    #[tokio::test]
+    async fn what_is_served_is_the_file_that_was_checked() {
+        let index = "Package: foo\n";
+        let sha = hex(&Sha256::digest(index.as_bytes()));
+        let store = tempfile::tempdir().unwrap();
+        std::fs::write(store.path().join(&sha), index).unwrap();
+        // No mirror answers: the body can only come from the store.
+        let mirror = "http://127.0.0.1:9/debian".to_owned();
+        let proxy = Proxy::with_store(
+            std::slice::from_ref(&mirror),
+            Fetcher::new(std::time::Duration::from_millis(1)),
+            store.path().to_owned(),
+        );
+        let url = format!("{mirror}/dists/x/main/by-hash/SHA256/{sha}");
+        let mut served = proxy.file(&url).await.unwrap();
+        // A trim, or a tampering process, replaces the entry between check and send.
+        std::fs::remove_file(store.path().join(&sha)).unwrap();
+        std::fs::write(store.path().join(&sha), "swapped").unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut served, &mut body).unwrap();
+        assert_eq!(body, index);
     }
 
     #[tokio::test]

@@ -2,6 +2,8 @@
 //! user when the suite runs as root (imgvm promises to need no root, so the tests hold
 //! it to that).
 
+pub mod mirror;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;

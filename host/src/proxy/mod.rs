@@ -316,6 +316,11 @@ async fn read_head(reader: &mut (impl AsyncBufReadExt + Unpin)) -> Result<Option
             return Err("request head too large".into());
         }
         let line = line.trim_end_matches(['\r', '\n']).to_owned();
+        // A bare CR or another control character inside a line is how requests are
+        // smuggled past a parser: never part of a valid head.
+        if line.chars().any(|c| c.is_control() && c != '\t') {
+            return Err("control character in the request head".into());
+        }
         if line.is_empty() {
             if lines.is_empty() {
                 continue;

@@ -132,10 +132,15 @@ impl Helper {
         }
     }
 
-    /// `error` with what the VM's state says about it, when the session to the agent
-    /// broke: a paused VM (qemu stops a guest whose disk write failed with ENOSPC, and
+    /// `error` with what the package proxy could not get from the mirror, and with what
+    /// the VM's state says about it when the session to the agent broke: a paused VM (qemu stops a guest whose disk write failed with ENOSPC, and
     /// the agent then looks hung) is the host's full disk; a panicked guest is a crash.
     pub async fn explain(&mut self, error: anyhow::Error) -> anyhow::Error {
+        // The guest only saw a 502; the host knows what the mirror did.
+        let error = match self.proxy.failures() {
+            Some(failures) => error.context(format!("the mirror failed to deliver:\n{failures}")),
+            None => error,
+        };
         let broken = error
             .chain()
             .any(|e| matches!(e.downcast_ref(), Some(SessionError::Silent(_) | SessionError::Lost(_))));

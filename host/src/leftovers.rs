@@ -35,7 +35,7 @@ pub const STALE: Duration = Duration::from_secs(10 * 60);
 
 /// How long a partial file may go unlocked before it counts as abandoned: its owner
 /// creates it and locks it in two calls.
-const UNLOCKED_GRACE: Duration = Duration::from_secs(10);
+const UNLOCKED_GRACE: Duration = Duration::from_secs(2);
 
 /// A temporary directory that is this process's for as long as it lives: removed when
 /// dropped, and by the next run's sweep if this one is killed.
@@ -131,8 +131,7 @@ fn abandoned_dir(path: &Path) -> bool {
 }
 
 fn abandoned_file(path: &Path) -> bool {
-    age(path).is_some_and(|age| age > UNLOCKED_GRACE)
-        && File::open(path).is_ok_and(|file| lock(&file, false).is_ok())
+    age(path).is_some_and(|age| age > UNLOCKED_GRACE) && File::open(path).is_ok_and(|file| lock(&file, false).is_ok())
 }
 
 fn age(path: &Path) -> Option<Duration> {

@@ -14,11 +14,6 @@ fn recipes(dir: &Path) -> PathBuf {
     dest
 }
 
-/// The `downloaded_debs` and `cached_debs` that `imgvm build` logs.
-fn deb_counts(stderr: &str) -> (u64, u64) {
-    imgvm_e2e::log_fields(stderr, "downloaded_debs", "cached_debs")
-}
-
 fn build(recipe: &Path, out: &Path, cache: &Path, extra: &[&str]) -> String {
     let output = imgvm(["--log-format", "json", "build"])
         .arg(recipe)
@@ -147,6 +142,7 @@ grep -q \"linux.*root=PARTUUID=$(blkid -s PARTUUID -o value /dev/vda1) \" /mnt/b
 echo machine-id-bytes=$(stat -c %s /mnt/etc/machine-id)
 echo ssh-host-keys=$(ls /mnt/etc/ssh/ | grep -c '^ssh_host_' || true)
 echo apt-lists=$(ls /mnt/var/lib/apt/lists | grep -vc '^lock$\\|^partial$' || true)
+echo apt-cache=$(ls -A /mnt/var/cache/apt | wc -l)
 echo policy-rc-d=$([ -e /mnt/usr/sbin/policy-rc.d ] && echo present || echo absent)
 cat /mnt/etc/default/locale
 cat /mnt/etc/kernel-img.conf
@@ -164,6 +160,8 @@ cat /mnt/etc/fstab";
         "machine-id-bytes=0",
         "ssh-host-keys=0",
         "apt-lists=0",
+        // Debian's images have an empty /var/cache/apt (no archives/partial either).
+        "apt-cache=0",
         "policy-rc-d=absent",
         "LANG=C.UTF-8",
         "do_symlinks = no",
@@ -190,23 +188,12 @@ cat /mnt/etc/fstab";
     );
 
     // The first build, on an empty cache, downloaded its packages (those the helper
-    // appliance shares were stored, verified, when it was assembled just before); a
-    // second build of the same recipe gets every one of them from the cache.
-    let (downloaded, cached) = deb_counts(&first);
+    // appliance shares were stored, verified, when it was assembled just before). That a
+    // second build gets them from the cache is build_errors' to show.
+    let (downloaded, _) = imgvm_e2e::log_fields(&first, "downloaded_debs", "cached_debs");
     assert!(
         downloaded > 100,
         "the first build downloaded only {downloaded} packages"
-    );
-    let again = dir.join("again");
-    std::fs::create_dir(&again).unwrap();
-    give_to_user(&again);
-    let second = build(&recipe, &again, &cache, &[]);
-    let (again_downloaded, again_cached) = deb_counts(&second);
-    assert_eq!(again_downloaded, 0, "the second build downloaded packages");
-    assert_eq!(
-        again_cached,
-        downloaded + cached,
-        "the second build used other packages"
     );
 }
 

@@ -9,7 +9,7 @@ fn failed_build(dir: &Path, name: &str, recipe: &str) -> (String, String) {
     let file = dir.join(format!("{name}.yaml"));
     std::fs::write(&file, recipe).unwrap();
     let out = dir.join(format!("out-{name}"));
-    let output = imgvm(["build"])
+    let output = imgvm(["--log-format", "json", "build"])
         .arg(&file)
         .args(["--arch", "amd64", "-o"])
         .arg(&out)
@@ -70,6 +70,13 @@ fn a_missing_package_and_a_full_disk_are_named() {
     );
     let (stderr, log) = failed_build(&dir, "full", &recipe);
     assert!(log.contains("== step 2/4 (run): "), "the daemon step ended:\n{log}");
+    // The same bootstrap again: every package comes from the cache the first one filled.
+    let (downloaded, cached) = imgvm_e2e::log_fields(&stderr, "downloaded_debs", "cached_debs");
+    assert_eq!(downloaded, 0, "the second build downloaded packages");
+    assert!(
+        cached > 50,
+        "the second build took only {cached} packages from the cache"
+    );
     let file = dir.join("full.yaml");
     let expected = format!(
         "{}: step 3/4 (run): the image is full: dd: error writing '/filler': No space left on device",

@@ -23,7 +23,9 @@ pub fn run(args: &[&str]) -> Result<()> {
         _ => bail!("usage: cargo xtask fuzz [SECONDS]"),
     };
     if !toolchain()? {
-        eprintln!("xtask: fuzzing skipped: no nightly toolchain could be installed (the corpora still replay on stable)");
+        eprintln!(
+            "xtask: fuzzing skipped: no nightly toolchain could be installed (the corpora still replay on stable)"
+        );
         return Ok(());
     }
     for (dir, target) in TARGETS {
@@ -43,7 +45,9 @@ pub fn run(args: &[&str]) -> Result<()> {
                 .arg(format!("-max_total_time={seconds}"))
                 .current_dir(root().join(dir)),
         )
-        .with_context(|| format!("fuzz target {dir}/{target} failed (its crash input is under {dir}/fuzz/artifacts)"))?;
+        .with_context(|| {
+            format!("fuzz target {dir}/{target} failed (its crash input is under {dir}/fuzz/artifacts)")
+        })?;
     }
     Ok(())
 }

@@ -42,7 +42,9 @@ fn dispatch() -> Result<()> {
         Some("fuzz") => fuzz::run(&rest),
         Some("bench") => bench::run(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|agents|install [--prefix DIR]|test|fuzz [SECONDS]|bench build|bench boot>");
+            eprintln!(
+                "usage: cargo xtask <setup|agents|install [--prefix DIR]|test|fuzz [SECONDS]|bench build|bench boot>"
+            );
             std::process::exit(2)
         }
     }

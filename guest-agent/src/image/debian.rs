@@ -170,7 +170,6 @@ fn sources_file(sources: &AptSources) -> (String, String) {
 impl Handle<Clean> for Job<'_> {
     fn handle(&self, _: Clean) -> Result<(), OperationError> {
         let job = self;
-        run(job, &chroot(&["apt-get", "clean"]))?;
         for path in [
             POLICY_RC,
             APT_CONF,
@@ -188,21 +187,20 @@ impl Handle<Clean> for Job<'_> {
         ] {
             remove(job, log)?;
         }
-        for dir in ["/var/lib/apt/lists", "/tmp", "/var/tmp"] {
+        // What `apt-get clean` removes and the directories it leaves, as Debian's images
+        // have it; without apt, so that images bootstrapped without it finish too.
+        for dir in ["/var/cache/apt", "/var/lib/apt/lists", "/tmp", "/var/tmp"] {
             empty_dir(job, dir)?;
         }
-        for (dir, prefix) in [("/var/cache/apt", ""), ("/etc/ssh", "ssh_host_")] {
-            let entries = match std::fs::read_dir(target(job, dir)?) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(job.io_error(&e)),
-            };
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let caches = prefix.is_empty() && name.ends_with(".bin");
-                if caches || (!prefix.is_empty() && name.starts_with(prefix)) {
-                    remove(job, &format!("{dir}/{name}"))?;
-                }
+        let keys = match std::fs::read_dir(target(job, "/etc/ssh")?) {
+            Ok(entries) => entries.flatten().collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(job.io_error(&e)),
+        };
+        for entry in keys {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("ssh_host_") {
+                remove(job, &format!("/etc/ssh/{name}"))?;
             }
         }
         // An empty machine-id (not a missing one) makes systemd generate one at first boot.

@@ -60,6 +60,8 @@ pub async fn write(
     let mut files = Vec::new();
     for format in &recipe.outputs {
         let begun = Instant::now();
+        // Conversions of large disks take a while: say which one is under way.
+        tracing::info!("output {}", format.name());
         let file = match format {
             OutputFormat::Raw => staging.join(format!("{name}.raw")),
             OutputFormat::Qcow2 => convert(disk, staging.join(format!("{name}.qcow2")), &["-O", "qcow2"]).await?,

@@ -39,7 +39,13 @@ pub struct Proxy {
     debs_downloaded: AtomicU64,
     debs_cached: AtomicU64,
     bytes_downloaded: AtomicU64,
+    /// The latest files a signed index lists that the mirror failed to deliver: the
+    /// cause a guest's "502 Bad Gateway" does not tell.
+    failures: std::sync::Mutex<std::collections::VecDeque<String>>,
 }
+
+/// Mirror failures remembered for the error of the step they broke.
+const FAILURES_KEPT: usize = 3;
 
 impl Proxy {
     /// `mirrors` are URL prefixes such as `http://deb.debian.org/debian`.
@@ -66,6 +72,7 @@ impl Proxy {
             debs_downloaded: AtomicU64::new(0),
             debs_cached: AtomicU64::new(0),
             bytes_downloaded: AtomicU64::new(0),
+            failures: Default::default(),
         })
     }
 
@@ -75,6 +82,22 @@ impl Proxy {
             self.debs_downloaded.load(Ordering::Relaxed),
             self.debs_cached.load(Ordering::Relaxed),
         )
+    }
+
+    /// What the mirror failed to deliver lately, one file per line; `None` when it
+    /// delivered everything a signed index lists.
+    pub fn failures(&self) -> Option<String> {
+        let failures = self.failures.lock().unwrap();
+        (!failures.is_empty()).then(|| failures.iter().cloned().collect::<Vec<_>>().join("\n"))
+    }
+
+    fn failed(&self, what: String) {
+        let mut failures = self.failures.lock().unwrap();
+        failures.retain(|f| *f != what);
+        if failures.len() == FAILURES_KEPT {
+            failures.pop_front();
+        }
+        failures.push_back(what);
     }
 
     /// Bytes fetched from the mirror so far (not counting what came from the cache).
@@ -177,7 +200,7 @@ impl Proxy {
         }
         let (fetcher, owned_url, dir) = (self.fetcher.clone(), url.to_owned(), self.store.clone());
         let (known, owned_path) = (self.known.clone(), path.clone());
-        let (tmp, sha256) = tokio::task::spawn_blocking(move || {
+        let fetched = tokio::task::spawn_blocking(move || {
             let mut tmp = fetcher.fetch(&owned_url, &dir)?;
             tmp.rewind()?;
             let sha256 = sha256_of(tmp.as_file_mut())?;
@@ -187,7 +210,15 @@ impl Proxy {
             known.index(&sha256, tmp.path());
             anyhow::Ok((tmp, sha256))
         })
-        .await??;
+        .await?;
+        // A file the signed indexes list is one the guest cannot do without.
+        let (tmp, sha256) = match fetched {
+            Err(e) if expected.is_some() || path.ends_with("/InRelease") => {
+                self.failed(format!("{e:#}"));
+                return Err(e);
+            }
+            fetched => fetched?,
+        };
         let len = tmp.as_file().metadata()?.len();
         self.bytes_downloaded.fetch_add(len, Ordering::Relaxed);
         if deb {
@@ -199,11 +230,13 @@ impl Proxy {
         };
         if sha256 != expected.sha256 || expected.size.is_some_and(|size| size != len) {
             // Not cached and not served: apt would refuse it, and then retry.
-            return Err(anyhow::Error::new(Status(502)).context(format!(
-                "the mirror sent {len} bytes with SHA256 {sha256}; the signed index says {} with SHA256 {}",
+            let why = format!(
+                "{url}: the mirror sent {len} bytes with SHA256 {sha256}; the signed index says {} with SHA256 {}",
                 expected.size.map_or("any size".into(), |s| format!("{s} bytes")),
                 expected.sha256
-            )));
+            );
+            self.failed(why.clone());
+            return Err(anyhow::Error::new(Status(502)).context(why));
         }
         let mut file = tmp.persist(self.store.join(&sha256))?;
         file.rewind()?;
@@ -508,11 +541,18 @@ mod tests {
         let out = exchange(proxy.clone(), &get(&good)).await;
         assert!(out.starts_with("HTTP/1.1 200 ") && out.ends_with(index), "{out}");
         assert_eq!(std::fs::read_to_string(store.path().join(&good)).unwrap(), index);
+        assert_eq!(proxy.failures(), None);
 
-        // What does not match its name is neither served nor stored.
+        // What does not match its name is neither served nor stored, and is remembered
+        // as the mirror's failure.
         let out = exchange(proxy.clone(), &get(&bad)).await;
         assert!(out.starts_with("HTTP/1.1 502 ") && out.contains("SHA256"), "{out}");
         assert!(!store.path().join(&bad).exists());
+        let failures = proxy.failures().unwrap();
+        assert!(
+            failures.contains(&bad) && failures.contains("the mirror sent 8 bytes"),
+            "{failures}"
+        );
 
         // A stored file that no longer matches is fetched again, never served.
         std::fs::write(store.path().join(&good), "rotten").unwrap();

@@ -133,8 +133,9 @@ impl Helper {
     }
 
     /// `error` with what the package proxy could not get from the mirror, and with what
-    /// the VM's state says about it when the session to the agent broke: a paused VM (qemu stops a guest whose disk write failed with ENOSPC, and
-    /// the agent then looks hung) is the host's full disk; a panicked guest is a crash.
+    /// the VM's state says about it when the session to the agent broke: a paused VM
+    /// (qemu stops a guest whose disk write failed with ENOSPC, and the agent then looks
+    /// hung) is the host's full disk; a panicked guest is a crash.
     pub async fn explain(&mut self, error: anyhow::Error) -> anyhow::Error {
         // The guest only saw a 502; the host knows what the mirror did.
         let error = match self.proxy.failures() {

@@ -115,6 +115,16 @@ where
     cmd
 }
 
+/// The cache imgvm uses when it is not given one: the test user's, which the end-to-end
+/// tests share (the appliance is assembled once for all of them).
+pub fn user_cache_dir() -> PathBuf {
+    let home = match &env().user {
+        Some(user) => user.home.clone(),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")),
+    };
+    home.join(".cache/imgvm")
+}
+
 /// A fresh directory the test user owns.
 pub fn workdir(name: &str) -> PathBuf {
     let env = env();
@@ -164,4 +174,22 @@ pub fn run_ok(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// Checks imgvm's verified store in the cache directory `cache`: every entry is what its
+/// name (its SHA256) says, and nothing partial is left. The number of entries.
+pub fn assert_store_verifies(cache: &Path) -> usize {
+    use sha2::{Digest, Sha256};
+    let mut count = 0;
+    for entry in std::fs::read_dir(cache.join("archive/sha256")).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "{name} left in the store");
+        let sha: String = Sha256::digest(std::fs::read(entry.path()).unwrap())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(sha, name, "{} does not verify", entry.path().display());
+        count += 1;
+    }
+    count
 }

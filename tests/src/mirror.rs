@@ -30,7 +30,7 @@ pub struct Mirror {
     /// What a recipe's `mirror:` names.
     pub url: String,
     state: Arc<Mutex<State>>,
-    debs: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
     faulted: Arc<AtomicU64>,
 }
 
@@ -44,8 +44,8 @@ impl Mirror {
             fault: Fault::None,
             package_prefix: String::new(),
         }));
-        let (debs, faulted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (s, d, f) = (state.clone(), debs.clone(), faulted.clone());
+        let (requests, faulted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (s, d, f) = (state.clone(), requests.clone(), faulted.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let (s, d, f) = (s.clone(), d.clone(), f.clone());
@@ -57,7 +57,7 @@ impl Mirror {
         Mirror {
             url,
             state,
-            debs,
+            requests,
             faulted,
         }
     }
@@ -69,9 +69,9 @@ impl Mirror {
         state.package_prefix = package_prefix.to_owned();
     }
 
-    /// `.deb`s asked for so far.
-    pub fn debs_requested(&self) -> u64 {
-        self.debs.load(Ordering::SeqCst)
+    /// Requests so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
     }
 
     /// Faulted answers given so far.
@@ -82,7 +82,7 @@ impl Mirror {
 
 /// One request per connection (`Connection: close`): the simplest thing every client
 /// copes with.
-fn serve(stream: TcpStream, state: &Mutex<State>, debs: &AtomicU64, faulted: &AtomicU64) -> std::io::Result<()> {
+fn serve(stream: TcpStream, state: &Mutex<State>, requests: &AtomicU64, faulted: &AtomicU64) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
@@ -92,6 +92,7 @@ fn serve(stream: TcpStream, state: &Mutex<State>, debs: &AtomicU64, faulted: &At
             break;
         }
     }
+    requests.fetch_add(1, Ordering::SeqCst);
     let mut out = stream;
     let path = request_line.split(' ').nth(1).unwrap_or("/").to_owned();
     let Some(rest) = path.strip_prefix("/debian/") else {
@@ -99,7 +100,6 @@ fn serve(stream: TcpStream, state: &Mutex<State>, debs: &AtomicU64, faulted: &At
     };
     let name = rest.rsplit('/').next().unwrap_or_default();
     let fault = if rest.ends_with(".deb") {
-        debs.fetch_add(1, Ordering::SeqCst);
         let state = state.lock().unwrap();
         if name.starts_with(&state.package_prefix) {
             state.fault

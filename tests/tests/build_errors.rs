@@ -44,7 +44,7 @@ fn a_missing_package_and_a_full_disk_are_named() {
     let dir = workdir("build-errors");
 
     let recipe = format!(
-        "name: missing\nsuite: trixie\n{}steps:\n  - apt: {{install: [imgvm-no-such-package]}}\n",
+        "name: missing\nsuite: trixie\n{}steps:\n  - bootstrap: {{variant: apt}}\n  - apt: {{install: [imgvm-no-such-package]}}\n",
         DISK.replace("SIZE", "1GiB")
     );
     let (stderr, log) = failed_build(&dir, "missing", &recipe);
@@ -64,6 +64,7 @@ fn a_missing_package_and_a_full_disk_are_named() {
     // not hang the build (the agent kills what a step leaves running in the image).
     let recipe = format!(
         "name: full\nsuite: trixie\n{}steps:\n  \
+         - bootstrap: {{variant: apt}}\n  \
          - run: {{script: 'setsid sleep 100000 & echo daemon started'}}\n  \
          - run: {{script: 'dd if=/dev/zero of=/filler bs=1M'}}\n",
         DISK.replace("SIZE", "700MiB")

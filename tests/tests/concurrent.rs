@@ -3,7 +3,6 @@
 //! every one of them must succeed with its own image.
 
 use imgvm_e2e::{give_to_user, imgvm, run_ok, workdir};
-use sha2::{Digest, Sha256};
 use std::process::Command;
 
 #[test]
@@ -64,16 +63,6 @@ fn four_builds_at_once_share_one_cache() {
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .collect();
     assert_eq!(appliances.len(), 1, "{appliances:?}");
-    let mut stored = 0;
-    for entry in std::fs::read_dir(cache.join("archive/sha256")).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        assert!(!name.starts_with('.'), "{name} left in the store");
-        let sha: String = Sha256::digest(std::fs::read(entry.path()).unwrap())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(sha, name);
-        stored += 1;
-    }
+    let stored = imgvm_e2e::assert_store_verifies(&cache);
     assert!(stored > 50, "only {stored} files stored");
 }

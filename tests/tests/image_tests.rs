@@ -12,6 +12,9 @@ disk:
     - {name: bios, type: bios-boot, size: 1MiB}
     - {name: esp, type: esp, size: 32MiB, filesystem: vfat, mount: /boot/efi}
     - {name: root, type: root, filesystem: ext4, mount: /}
+# The smallest bootstrap with apt: the checks need nothing more.
+steps:
+  - bootstrap: {variant: apt}
 tests:
   - file: {path: /etc/hostname}
   - file: {path: /etc/os-release, contains: ID=imgvm}

@@ -39,13 +39,21 @@ pub struct Proxy {
     debs_downloaded: AtomicU64,
     debs_cached: AtomicU64,
     bytes_downloaded: AtomicU64,
-    /// The latest files a signed index lists that the mirror failed to deliver: the
-    /// cause a guest's "502 Bad Gateway" does not tell.
+    /// The files a signed index lists that the mirror failed to deliver since it last
+    /// delivered one (the latest [`FAILURES_KEPT`]): the cause a guest's "502 Bad
+    /// Gateway" does not tell.
     failures: std::sync::Mutex<std::collections::VecDeque<String>>,
+    /// How many there were.
+    failing: std::sync::atomic::AtomicU32,
 }
 
 /// Mirror failures remembered for the error of the step they broke.
 const FAILURES_KEPT: usize = 3;
+
+/// Listed files the mirror may fail in a row (each after the fetcher's retries) before
+/// the proxy stops asking it: a mirror that fails everything would otherwise cost every
+/// package's retries, one after another, before apt gives up.
+const FAILURES_IN_A_ROW: u32 = 3;
 
 impl Proxy {
     /// `mirrors` are URL prefixes such as `http://deb.debian.org/debian`.
@@ -73,6 +81,7 @@ impl Proxy {
             debs_cached: AtomicU64::new(0),
             bytes_downloaded: AtomicU64::new(0),
             failures: Default::default(),
+            failing: Default::default(),
         })
     }
 
@@ -84,20 +93,27 @@ impl Proxy {
         )
     }
 
-    /// What the mirror failed to deliver lately, one file per line; `None` when it
-    /// delivered everything a signed index lists.
+    /// What the mirror failed to deliver since it last delivered something, one file
+    /// per line; `None` when its last answer was good.
     pub fn failures(&self) -> Option<String> {
         let failures = self.failures.lock().unwrap();
         (!failures.is_empty()).then(|| failures.iter().cloned().collect::<Vec<_>>().join("\n"))
     }
 
     fn failed(&self, what: String) {
+        self.failing.fetch_add(1, Ordering::Relaxed);
         let mut failures = self.failures.lock().unwrap();
         failures.retain(|f| *f != what);
         if failures.len() == FAILURES_KEPT {
             failures.pop_front();
         }
         failures.push_back(what);
+    }
+
+    /// The mirror works (again): earlier failures were passing.
+    fn delivered(&self) {
+        self.failing.store(0, Ordering::Relaxed);
+        self.failures.lock().unwrap().clear();
     }
 
     /// Bytes fetched from the mirror so far (not counting what came from the cache).
@@ -198,6 +214,12 @@ impl Proxy {
                 let _ = std::fs::remove_file(&stored);
             }
         }
+        let listed = expected.is_some() || path.ends_with("/InRelease");
+        if listed && self.failing.load(Ordering::Relaxed) >= FAILURES_IN_A_ROW {
+            return Err(anyhow::Error::new(Status(502)).context(format!(
+                "not asking the mirror again: it failed the last {FAILURES_IN_A_ROW} files it was asked for"
+            )));
+        }
         let (fetcher, owned_url, dir) = (self.fetcher.clone(), url.to_owned(), self.store.clone());
         let (known, owned_path) = (self.known.clone(), path.clone());
         let fetched = tokio::task::spawn_blocking(move || {
@@ -213,7 +235,7 @@ impl Proxy {
         .await?;
         // A file the signed indexes list is one the guest cannot do without.
         let (tmp, sha256) = match fetched {
-            Err(e) if expected.is_some() || path.ends_with("/InRelease") => {
+            Err(e) if listed => {
                 self.failed(format!("{e:#}"));
                 return Err(e);
             }
@@ -225,6 +247,7 @@ impl Proxy {
             self.debs_downloaded.fetch_add(1, Ordering::Relaxed);
         }
         let Some(expected) = expected else {
+            self.delivered();
             // Served from the open file; its name goes when `tmp` is dropped.
             return Ok(tmp.reopen()?);
         };
@@ -238,6 +261,7 @@ impl Proxy {
             self.failed(why.clone());
             return Err(anyhow::Error::new(Status(502)).context(why));
         }
+        self.delivered();
         let mut file = tmp.persist(self.store.join(&sha256))?;
         file.rewind()?;
         Ok(file)
@@ -393,8 +417,11 @@ async fn respond(
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
-        _ => "Bad Gateway",
+        504 => "Gateway Timeout",
+        502 => "Bad Gateway",
+        _ => "Error",
     };
     let body = format!("imgvm package proxy: {message}\n");
     let connection = if close { "close" } else { "keep-alive" };
@@ -556,9 +583,45 @@ mod tests {
 
         // A stored file that no longer matches is fetched again, never served.
         std::fs::write(store.path().join(&good), "rotten").unwrap();
-        let out = exchange(proxy, &get(&good)).await;
+        let out = exchange(proxy.clone(), &get(&good)).await;
         assert!(out.ends_with(index), "{out}");
         assert_eq!(std::fs::read_to_string(store.path().join(&good)).unwrap(), index);
+        // The mirror delivers again: what it failed before did not break anything.
+        assert_eq!(proxy.failures(), None);
+    }
+
+    #[tokio::test]
+    async fn a_mirror_that_fails_everything_is_given_up_on() {
+        let asked = Arc::new(AtomicU64::new(0));
+        let count = asked.clone();
+        let base = crate::test_http::serve(move |_| {
+            count.fetch_add(1, Ordering::SeqCst);
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".into()
+        });
+        let store = tempfile::tempdir().unwrap();
+        let mirror = format!("{base}/debian");
+        let proxy = Proxy::with_store(
+            std::slice::from_ref(&mirror),
+            Fetcher::new(std::time::Duration::from_millis(1)),
+            store.path().to_owned(),
+        );
+        let get = |n: usize| {
+            let hash = format!("{n:064}");
+            format!("GET {mirror}/dists/x/main/by-hash/SHA256/{hash} HTTP/1.1\r\nConnection: close\r\n\r\n")
+        };
+        for n in 0..FAILURES_IN_A_ROW as usize {
+            let out = exchange(proxy.clone(), &get(n)).await;
+            assert!(out.starts_with("HTTP/1.1 500 "), "{out}");
+        }
+        let tried = asked.load(Ordering::SeqCst);
+        let out = exchange(proxy.clone(), &get(99)).await;
+        assert!(
+            out.starts_with("HTTP/1.1 502 ") && out.contains("not asking the mirror again"),
+            "{out}"
+        );
+        assert_eq!(asked.load(Ordering::SeqCst), tried, "the mirror was asked again");
+        // What the build's error shows: the mirror's own answers.
+        assert!(proxy.failures().unwrap().contains("HTTP status 500"));
     }
 
     #[tokio::test]

@@ -1,11 +1,11 @@
 //! A local Debian mirror for fault tests: it passes every request through to a real
-//! mirror, so releases stay validly signed and packages are real, and answers the
-//! package downloads it is told to with a fault.
+//! mirror, so releases stay validly signed and packages are real, and answers every
+//! package download with the fault it was started with.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// What the mirror does to a faulted `.deb`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,16 +20,9 @@ pub enum Fault {
     Corrupted,
 }
 
-struct State {
-    fault: Fault,
-    /// Only `.deb`s whose file name starts with this are faulted.
-    package_prefix: String,
-}
-
 pub struct Mirror {
     /// What a recipe's `mirror:` names.
     pub url: String,
-    state: Arc<Mutex<State>>,
     requests: Arc<AtomicU64>,
     faulted: Arc<AtomicU64>,
 }
@@ -37,36 +30,21 @@ pub struct Mirror {
 const UPSTREAM: &str = "http://deb.debian.org/debian";
 
 impl Mirror {
-    pub fn start() -> Mirror {
+    /// A mirror answering every `.deb` with `fault`, on a port of its own.
+    pub fn start(fault: Fault) -> Mirror {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/debian", listener.local_addr().unwrap());
-        let state = Arc::new(Mutex::new(State {
-            fault: Fault::None,
-            package_prefix: String::new(),
-        }));
         let (requests, faulted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (s, d, f) = (state.clone(), requests.clone(), faulted.clone());
+        let (r, f) = (requests.clone(), faulted.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (s, d, f) = (s.clone(), d.clone(), f.clone());
+                let (r, f) = (r.clone(), f.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &s, &d, &f);
+                    let _ = serve(stream, fault, &r, &f);
                 });
             }
         });
-        Mirror {
-            url,
-            state,
-            requests,
-            faulted,
-        }
-    }
-
-    /// From now on, `.deb`s whose name starts with `package_prefix` ("" for all) get `fault`.
-    pub fn set_fault(&self, fault: Fault, package_prefix: &str) {
-        let mut state = self.state.lock().unwrap();
-        state.fault = fault;
-        state.package_prefix = package_prefix.to_owned();
+        Mirror { url, requests, faulted }
     }
 
     /// Requests so far.
@@ -82,7 +60,7 @@ impl Mirror {
 
 /// One request per connection (`Connection: close`): the simplest thing every client
 /// copes with.
-fn serve(stream: TcpStream, state: &Mutex<State>, requests: &AtomicU64, faulted: &AtomicU64) -> std::io::Result<()> {
+fn serve(stream: TcpStream, fault: Fault, requests: &AtomicU64, faulted: &AtomicU64) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
@@ -98,17 +76,7 @@ fn serve(stream: TcpStream, state: &Mutex<State>, requests: &AtomicU64, faulted:
     let Some(rest) = path.strip_prefix("/debian/") else {
         return out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     };
-    let name = rest.rsplit('/').next().unwrap_or_default();
-    let fault = if rest.ends_with(".deb") {
-        let state = state.lock().unwrap();
-        if name.starts_with(&state.package_prefix) {
-            state.fault
-        } else {
-            Fault::None
-        }
-    } else {
-        Fault::None
-    };
+    let fault = if rest.ends_with(".deb") { fault } else { Fault::None };
     if fault == Fault::Status500 {
         faulted.fetch_add(1, Ordering::SeqCst);
         return out.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");

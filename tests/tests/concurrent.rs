@@ -32,7 +32,8 @@ fn four_builds_at_once_share_one_cache() {
             let out = dir.join(format!("out-{name}"));
             let child = imgvm(["build"])
                 .arg(&recipe)
-                .args(["--arch", "amd64", "-o"])
+                // One vCPU each: four VMs share two cores here.
+                .args(["--arch", "amd64", "--cpus", "1", "-o"])
                 .arg(&out)
                 .env("IMGVM_CACHE_DIR", &cache)
                 .stdout(std::process::Stdio::null())
@@ -60,7 +61,7 @@ fn four_builds_at_once_share_one_cache() {
     let appliances: Vec<_> = std::fs::read_dir(cache.join("appliances"))
         .unwrap()
         .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| e.file_type().unwrap().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
         .collect();
     assert_eq!(appliances.len(), 1, "{appliances:?}");
     let stored = imgvm_e2e::assert_store_verifies(&cache);

@@ -4,18 +4,19 @@
 //! process, no temporary file, no output but the failed build's log, and a cache whose
 //! every entry still verifies.
 //!
-//! The cells run one after another in one test, on one output directory and temporary
-//! directory and the test user's cache, so that what a killed build left is found (and must be swept)
-//! by the next one. They go through a local mirror that passes real packages through
-//! ([`imgvm_e2e::mirror`]). Faults in later steps and in the output conversion each
-//! need a finished bootstrap; they wait for the step cache to make that affordable.
+//! The builds share the test user's cache and one temporary directory, and the build
+//! after the SIGKILL writes where the killed one did, so that what the killed build left
+//! is found (and must be swept) by the next run. They go through local mirrors that pass
+//! real packages through ([`imgvm_e2e::mirror`]). Faults in later steps and in the output
+//! conversion each need a finished bootstrap; they wait for the step cache to make that
+//! affordable.
 
 use imgvm_e2e::mirror::{Fault, Mirror};
 use imgvm_e2e::{give_to_user, imgvm, workdir};
 use std::io::BufRead;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,23 +24,32 @@ use std::time::{Duration, Instant};
 /// that what outlives a build is found whoever it runs as.
 const MARKER: &str = "IMGVM_FAULT_MATRIX";
 
-/// How long any cell may take from the fault to imgvm's exit.
-const BOUND: Duration = Duration::from_secs(240);
+/// How long any cell may take from its start to imgvm's exit.
+const BOUND: Duration = Duration::from_secs(300);
 
 struct Bench {
     dir: PathBuf,
-    out: PathBuf,
     cache: PathBuf,
     tmp: PathBuf,
-    mirror: Mirror,
     marker: String,
-    /// (cell, seconds from start to exit, what imgvm said)
-    matrix: Vec<(String, f64, String)>,
 }
 
+/// One build of the matrix: its recipe (through its own mirror) and output directory.
+struct Cell {
+    name: &'static str,
+    mirror: Mirror,
+    recipe: PathBuf,
+    out: PathBuf,
+}
+
+/// imgvm's exit code and the seconds it ran.
+type Exit = (Option<i32>, f64);
+
 struct Running {
-    child: Child,
+    pid: i32,
     stderr: Arc<Mutex<String>>,
+    /// Set when imgvm exits.
+    exit: Arc<Mutex<Option<Exit>>>,
     started: Instant,
 }
 
@@ -48,15 +58,18 @@ impl Running {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// Waits until `done` holds for imgvm's stderr so far.
-    fn wait_for(&mut self, what: &str, done: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + BOUND;
+    fn exited(&self) -> Option<Exit> {
+        *self.exit.lock().unwrap()
+    }
+
+    /// Waits until `done` holds, while imgvm runs.
+    fn wait_for(&self, what: &str, done: impl Fn(&str) -> bool) {
         while !done(&self.stderr()) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("imgvm ended ({status}) before {what}:\n{}", self.stderr());
+            if let Some((code, _)) = self.exited() {
+                panic!("imgvm ended ({code:?}) before {what}:\n{}", self.stderr());
             }
             assert!(
-                Instant::now() < deadline,
+                self.started.elapsed() < BOUND,
                 "no {what} within {BOUND:?}:\n{}",
                 self.stderr()
             );
@@ -64,73 +77,81 @@ impl Running {
         }
     }
 
-    /// Sends `signal` to imgvm's process group, as a terminal does on Ctrl-C.
-    fn signal_group(&self, signal: i32) {
-        // SAFETY: kill(2) on the group we started.
-        assert_eq!(unsafe { libc::kill(-(self.child.id() as i32), signal) }, 0);
+    /// Sends `signal` to imgvm (`group`: to its process group, as a terminal does on
+    /// Ctrl-C).
+    fn signal(&self, signal: i32, group: bool) {
+        let pid = if group { -self.pid } else { self.pid };
+        // SAFETY: kill(2) on the process (group) we started.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
     }
 
-    /// Waits for imgvm to exit, at most [`BOUND`]: its exit code and stderr.
-    fn finish(mut self) -> (Option<i32>, String, f64) {
-        let deadline = Instant::now() + BOUND;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
+    /// Waits for imgvm to exit, at most [`BOUND`] after it started: its exit code, its
+    /// stderr and the seconds it ran.
+    fn finish(self) -> (Option<i32>, String, f64) {
+        let (code, seconds) = loop {
+            if let Some(exit) = self.exited() {
+                break exit;
             }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
+            if self.started.elapsed() > BOUND {
+                self.signal(libc::SIGKILL, false);
                 panic!("imgvm did not end within {BOUND:?}:\n{}", self.stderr());
             }
             std::thread::sleep(Duration::from_millis(100));
         };
         // The reader thread sees EOF once every holder of the pipe is gone.
         std::thread::sleep(Duration::from_millis(200));
-        (status.code(), self.stderr(), self.started.elapsed().as_secs_f64())
+        (code, self.stderr(), seconds)
     }
 }
 
 impl Bench {
     fn new() -> Bench {
         let dir = workdir("faults");
-        let [out, tmp] = ["out", "tmp"].map(|d| {
-            let path = dir.join(d);
-            std::fs::create_dir(&path).unwrap();
-            give_to_user(&path);
-            path
-        });
+        let tmp = dir.join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        give_to_user(&tmp);
         Bench {
             marker: dir.display().to_string(),
-            dir,
-            out,
             // Shared with the other tests: its appliance is there already.
             cache: imgvm_e2e::user_cache_dir(),
+            dir,
             tmp,
-            mirror: Mirror::start(),
-            matrix: Vec::new(),
         }
     }
 
-    /// A tiny image through the local mirror. Of another suite than the helper
-    /// appliance's, whose packages are in the cache already: the mirror is asked for
-    /// these from the bootstrap's first download on.
-    fn recipe(&self, name: &str) -> PathBuf {
+    /// A tiny image through a mirror of its own with `fault`, built into `out`. Of
+    /// another suite than the helper appliance's, whose packages are in the cache
+    /// already: the mirror is asked for these from the bootstrap's first download on.
+    fn cell(&self, name: &'static str, fault: Fault, out: &str) -> Cell {
+        let mirror = Mirror::start(fault);
         let text = format!(
-            "name: {name}\nsuite: bookworm\nmirror: {}\ndisk:\n  size: 1GiB\n  table: none\n  partitions:\n    \
+            "name: tiny\nsuite: bookworm\nmirror: {}\ndisk:\n  size: 1GiB\n  table: none\n  partitions:\n    \
              - {{name: root, type: root, filesystem: ext4, mount: /}}\nsteps:\n  \
              - bootstrap: {{variant: apt}}\noutputs: [raw]\n",
-            self.mirror.url
+            mirror.url
         );
-        let path = self.dir.join(format!("{name}.yaml"));
-        std::fs::write(&path, text).unwrap();
-        path
+        let stem = name.replace([' ', ','], "-");
+        let recipe = self.dir.join(format!("{stem}.yaml"));
+        std::fs::write(&recipe, text).unwrap();
+        let out = self.dir.join(out);
+        if !out.exists() {
+            std::fs::create_dir(&out).unwrap();
+            give_to_user(&out);
+        }
+        Cell {
+            name,
+            mirror,
+            recipe,
+            out,
+        }
     }
 
-    fn start(&self, recipe: &Path) -> Running {
+    fn start(&self, cell: &Cell) -> Running {
         let mut child = imgvm(["build"])
-            .arg(recipe)
+            .arg(&cell.recipe)
             // The mirror is on loopback: trusted for this test.
             .args(["--arch", "amd64", "--trust-recipe", "-o"])
-            .arg(&self.out)
+            .arg(&cell.out)
             .env("TMPDIR", &self.tmp)
             .env(MARKER, &self.marker)
             .stdout(Stdio::null())
@@ -139,6 +160,7 @@ impl Bench {
             .process_group(0)
             .spawn()
             .unwrap();
+        let started = Instant::now();
         let stderr = Arc::new(Mutex::new(String::new()));
         let (pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
         std::thread::spawn(move || {
@@ -148,14 +170,33 @@ impl Bench {
                 all.push('\n');
             }
         });
+        let exit = Arc::new(Mutex::new(None));
+        let (pid, done) = (child.id() as i32, exit.clone());
+        std::thread::spawn(move || {
+            let status = child.wait().unwrap();
+            *done.lock().unwrap() = Some((status.code(), started.elapsed().as_secs_f64()));
+        });
         Running {
-            child,
+            pid,
             stderr,
-            started: Instant::now(),
+            exit,
+            started,
         }
     }
 
-    /// The pids of this test's builds' processes still alive, with their names.
+    /// Starts `cell` and waits until its bootstrap is fetching from the mirror.
+    fn start_downloading(&self, cell: &Cell) -> Running {
+        let running = self.start(cell);
+        running.wait_for("the bootstrap", |e| e.contains("(bootstrap)"));
+        let deadline = Instant::now() + BOUND;
+        while cell.mirror.requests() == 0 {
+            assert!(Instant::now() < deadline, "{}: the mirror was never asked", cell.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        running
+    }
+
+    /// This test's processes still alive, as `pid name`.
     fn survivors(&self) -> Vec<String> {
         let needle = format!("{MARKER}={}", self.marker);
         let mut found = Vec::new();
@@ -175,7 +216,20 @@ impl Bench {
         found
     }
 
-    /// What imgvm left in `dir` (dot files included).
+    /// Waits a little for processes to go, then insists.
+    fn assert_no_survivors(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.survivors().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(
+            self.survivors(),
+            Vec::<String>::new(),
+            "{what}: processes outlived imgvm"
+        );
+    }
+
+    /// What is in `dir`, dot files included.
     fn left_in(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -185,40 +239,29 @@ impl Bench {
         names
     }
 
-    /// No process lives on (after `grace`), nothing temporary is left, the output
-    /// directory holds at most the failed build's log (removed here, for the next cell),
-    /// and every cache entry is what its name says.
-    fn assert_clean(&self, cell: &str, recipe_name: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.survivors().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        assert_eq!(
-            self.survivors(),
-            Vec::<String>::new(),
-            "{cell}: processes outlived the build"
-        );
+    /// No process lives on, nothing temporary is left, the output directory holds at
+    /// most the failed build's log (removed here, for the next cell), and the cache has
+    /// nothing half-done and a store that verifies.
+    fn assert_clean(&self, cell: &Cell) {
+        self.assert_no_survivors(cell.name);
         assert_eq!(
             Self::left_in(&self.tmp),
             Vec::<String>::new(),
-            "{cell}: temporary files left"
+            "{}: temporary files left",
+            cell.name
         );
-        let log = format!("{recipe_name}-amd64.build-failed.log");
-        let left: Vec<String> = Self::left_in(&self.out).into_iter().filter(|n| *n != log).collect();
-        assert_eq!(left, Vec::<String>::new(), "{cell}: outputs left");
-        let _ = std::fs::remove_file(self.out.join(log));
-        self.assert_cache_verifies(cell);
-    }
-
-    /// Nothing imgvm left half-done in the cache, and a store that verifies.
-    fn assert_cache_verifies(&self, cell: &str) {
+        let log = "tiny-amd64.build-failed.log";
+        let left: Vec<String> = Self::left_in(&cell.out).into_iter().filter(|n| n != log).collect();
+        assert_eq!(left, Vec::<String>::new(), "{}: outputs left", cell.name);
+        let _ = std::fs::remove_file(cell.out.join(log));
         let mut stack = vec![self.cache.clone()];
         while let Some(dir) = stack.pop() {
             for entry in std::fs::read_dir(&dir).unwrap().flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 assert!(
                     !name.starts_with(".imgvm-"),
-                    "{cell}: {} left in the cache",
+                    "{}: {} left in the cache",
+                    cell.name,
                     entry.path().display()
                 );
                 if entry.file_type().unwrap().is_dir() {
@@ -226,104 +269,81 @@ impl Bench {
                 }
             }
         }
-        assert!(
-            imgvm_e2e::assert_store_verifies(&self.cache) > 0,
-            "{cell}: the store is empty"
-        );
+        assert!(imgvm_e2e::assert_store_verifies(&self.cache) > 0);
     }
+}
 
-    /// A cell that must fail: its exit code, what imgvm said, recorded in the matrix.
-    fn failed(&mut self, cell: &str, running: Running, recipe_name: &str, cause: &str) -> String {
-        let (code, stderr, seconds) = running.finish();
-        assert_ne!(code, Some(0), "{cell}: the build succeeded:\n{stderr}");
-        assert!(!stderr.contains("panicked"), "{cell}:\n{stderr}");
-        assert!(stderr.contains(cause), "{cell}: expected `{cause}` in:\n{stderr}");
-        let said = stderr
-            .lines()
-            .rev()
-            .find(|l| l.contains(cause))
-            .unwrap_or_default()
-            .to_owned();
-        self.matrix.push((cell.to_owned(), seconds, said));
-        self.assert_clean(cell, recipe_name);
-        stderr
-    }
-
-    /// SIGKILL of imgvm alone, as `kill -9` does: its children must die with it.
-    fn killed(&mut self, cell: &str, mut running: Running) {
-        running.child.kill().unwrap();
-        let (_, _, seconds) = running.finish();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.survivors().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        assert_eq!(
-            self.survivors(),
-            Vec::<String>::new(),
-            "{cell}: processes outlived imgvm"
-        );
-        // What it had under way stays until the next run, which must sweep it.
-        assert!(
-            Self::left_in(&self.out).iter().any(|n| n.starts_with(".imgvm-build-")),
-            "{cell}: killed before it staged anything: {:?}",
-            Self::left_in(&self.out)
-        );
-        self.matrix.push((cell.to_owned(), seconds, "killed".into()));
-    }
+/// A cell that must fail naming `cause`: the line of imgvm's error that does, and the
+/// seconds it took.
+fn failure(cell: &Cell, running: Running, cause: &str) -> (String, f64) {
+    let (code, stderr, seconds) = running.finish();
+    assert_ne!(code, Some(0), "{}: the build succeeded:\n{stderr}", cell.name);
+    assert!(!stderr.contains("panicked"), "{}:\n{stderr}", cell.name);
+    let said = stderr.lines().rev().find(|l| l.contains(cause));
+    let said = said.unwrap_or_else(|| panic!("{}: expected `{cause}` in:\n{stderr}", cell.name));
+    (said.trim().to_owned(), seconds)
 }
 
 #[test]
 fn every_fault_ends_the_build_cleanly_and_names_its_cause() {
-    let mut bench = Bench::new();
-    // --- in the bootstrap ---
-    let plain = bench.recipe("plain");
+    let bench = Bench::new();
+    let mut matrix: Vec<(&str, f64, String)> = Vec::new();
 
     // Ctrl-C while the bootstrap downloads: cancelled, saying so.
-    let mut running = bench.start(&plain);
-    running.wait_for("the bootstrap", |e| e.contains("(bootstrap)"));
-    let before = bench.mirror.requests();
-    wait_until("a download", || bench.mirror.requests() > before);
-    running.signal_group(libc::SIGINT);
-    bench.failed("bootstrap, Ctrl-C", running, "plain", "cancelled");
+    let cell = bench.cell("bootstrap, Ctrl-C", Fault::None, "out");
+    let running = bench.start_downloading(&cell);
+    running.signal(libc::SIGINT, true);
+    let (said, seconds) = failure(&cell, running, "cancelled");
+    bench.assert_clean(&cell);
+    matrix.push((cell.name, seconds, said));
 
-    // SIGKILL while the bootstrap downloads; the next cell's run sweeps what it left.
-    let mut running = bench.start(&plain);
-    running.wait_for("the bootstrap", |e| e.contains("(bootstrap)"));
-    let before = bench.mirror.requests();
-    wait_until("a download", || bench.mirror.requests() > before);
-    bench.killed("bootstrap, SIGKILL", running);
+    // SIGKILL of imgvm alone, as `kill -9` does: its children must die with it. What it
+    // had under way stays until the next run into the same directory sweeps it.
+    let cell = bench.cell("bootstrap, SIGKILL", Fault::None, "out");
+    let running = bench.start_downloading(&cell);
+    running.signal(libc::SIGKILL, false);
+    let (_, _, seconds) = running.finish();
+    bench.assert_no_survivors(cell.name);
+    let staged = Bench::left_in(&cell.out);
+    assert!(staged.iter().any(|n| n.starts_with(".imgvm-build-")), "{staged:?}");
+    assert!(
+        !Bench::left_in(&bench.tmp).is_empty(),
+        "the killed run left no run directory"
+    );
+    matrix.push((cell.name, seconds, "killed".into()));
 
-    // The mirror fails every package it is asked for, three ways.
-    for (fault, cell, cause) in [
-        (Fault::Status500, "bootstrap, mirror 500", "HTTP status 500"),
+    // The mirror fails every package it is asked for, three ways, in three builds at once
+    // (they mostly wait on retries). The first writes where the killed build did.
+    let cells = [
         (
-            Fault::Truncated,
-            "bootstrap, truncated bodies",
-            "the mirror failed to deliver",
+            bench.cell("bootstrap, mirror 500", Fault::Status500, "out"),
+            "HTTP status 500",
         ),
-        (Fault::Corrupted, "bootstrap, corrupted .deb", "the signed index says"),
-    ] {
-        bench.mirror.set_fault(fault, "");
-        let before = bench.mirror.faults_served();
-        let running = bench.start(&plain);
-        bench.failed(cell, running, "plain", cause);
+        (
+            bench.cell("bootstrap, truncated bodies", Fault::Truncated, "out-truncated"),
+            "failed after 5 attempt(s)",
+        ),
+        (
+            bench.cell("bootstrap, corrupted .deb", Fault::Corrupted, "out-corrupted"),
+            "the signed index says",
+        ),
+    ];
+    let running: Vec<Running> = cells.iter().map(|(cell, _)| bench.start(cell)).collect();
+    for ((cell, cause), running) in cells.iter().zip(running) {
+        let (said, seconds) = failure(cell, running, cause);
         assert!(
-            bench.mirror.faults_served() > before,
-            "{cell}: the mirror was never asked"
+            cell.mirror.faults_served() > 0,
+            "{}: the mirror was never asked",
+            cell.name
         );
+        matrix.push((cell.name, seconds, said));
     }
-    bench.mirror.set_fault(Fault::None, "");
+    for (cell, _) in &cells {
+        bench.assert_clean(cell);
+    }
 
     eprintln!("fault matrix (seconds from start to exit):");
-    for (cell, seconds, said) in &bench.matrix {
-        eprintln!("  {cell:<32} {seconds:>6.1}  {said}");
-    }
-}
-
-fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + BOUND;
-    while !done() {
-        assert!(Instant::now() < deadline, "no {what} within {BOUND:?}");
-        std::thread::sleep(Duration::from_millis(100));
+    for (cell, seconds, said) in &matrix {
+        eprintln!("  {cell:<28} {seconds:>6.1}  {said}");
     }
 }

@@ -251,6 +251,18 @@ mod tests {
     }
 
     #[test]
+    fn a_truncated_body_is_an_error_not_a_short_file() {
+        // The length announced, half of it sent, the connection closed.
+        let base = serve(|_| "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nhalf".into());
+        let dir = tempfile::tempdir().unwrap();
+        let err = Fetcher::new(Duration::from_millis(1))
+            .fetch(&format!("{base}/debian/x"), dir.path())
+            .unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("failed after 5 attempt(s)"), "{err}");
+    }
+
+    #[test]
     fn redirects_are_checked_at_every_hop() {
         let base = serve(|path| match path {
             "/debian/moved" => redirect("/debian/here"),

@@ -452,6 +452,16 @@ mod tests {
         out
     }
 
+    /// A proxy for `{base}/debian`, storing in `store`, retrying without waiting.
+    fn on_mirror(base: &str, store: &Path) -> (Arc<Proxy>, String) {
+        let mirror = format!("{base}/debian");
+        let fetcher = Fetcher::new(std::time::Duration::from_millis(1));
+        (
+            Proxy::with_store(std::slice::from_ref(&mirror), fetcher, store.to_owned()),
+            mirror,
+        )
+    }
+
     #[tokio::test]
     async fn refuses_urls_outside_the_mirrors() {
         let proxy = Proxy::new(&["http://deb.debian.org/debian".into()], Fetcher::default());
@@ -555,12 +565,7 @@ mod tests {
             }
         });
         let store = tempfile::tempdir().unwrap();
-        let mirror = format!("{base}/debian");
-        let proxy = Proxy::with_store(
-            std::slice::from_ref(&mirror),
-            Fetcher::new(std::time::Duration::from_millis(1)),
-            store.path().to_owned(),
-        );
+        let (proxy, mirror) = on_mirror(&base, store.path());
         let get = |hash: &str| {
             format!("GET {mirror}/dists/x/main/by-hash/SHA256/{hash} HTTP/1.1\r\nConnection: close\r\n\r\n")
         };
@@ -599,12 +604,7 @@ mod tests {
             "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".into()
         });
         let store = tempfile::tempdir().unwrap();
-        let mirror = format!("{base}/debian");
-        let proxy = Proxy::with_store(
-            std::slice::from_ref(&mirror),
-            Fetcher::new(std::time::Duration::from_millis(1)),
-            store.path().to_owned(),
-        );
+        let (proxy, mirror) = on_mirror(&base, store.path());
         let get = |n: usize| {
             let hash = format!("{n:064}");
             format!("GET {mirror}/dists/x/main/by-hash/SHA256/{hash} HTTP/1.1\r\nConnection: close\r\n\r\n")
@@ -631,12 +631,7 @@ mod tests {
         let store = tempfile::tempdir().unwrap();
         std::fs::write(store.path().join(&sha), index).unwrap();
         // No mirror answers: the body can only come from the store.
-        let mirror = "http://127.0.0.1:9/debian".to_owned();
-        let proxy = Proxy::with_store(
-            std::slice::from_ref(&mirror),
-            Fetcher::new(std::time::Duration::from_millis(1)),
-            store.path().to_owned(),
-        );
+        let (proxy, mirror) = on_mirror("http://127.0.0.1:9", store.path());
         let url = format!("{mirror}/dists/x/main/by-hash/SHA256/{sha}");
         let mut served = proxy.file(&url).await.unwrap();
         // A trim, or a tampering process, replaces the entry between check and send.
@@ -654,12 +649,7 @@ mod tests {
                 .into()
         });
         let store = tempfile::tempdir().unwrap();
-        let mirror = format!("{base}/debian");
-        let proxy = Proxy::with_store(
-            std::slice::from_ref(&mirror),
-            Fetcher::new(std::time::Duration::from_millis(1)),
-            store.path().to_owned(),
-        );
+        let (proxy, mirror) = on_mirror(&base, store.path());
         let request = format!("GET {mirror}/dists/x/InRelease HTTP/1.1\r\nConnection: close\r\n\r\n");
         let out = exchange(proxy, &request).await;
         assert!(out.starts_with("HTTP/1.1 502 "), "{out}");

@@ -34,8 +34,9 @@ pub fn run(args: &[&str]) -> Result<()> {
         std::fs::create_dir_all(&scratch)?;
         let committed = root().join(dir).join("fuzz/corpus").join(target);
         eprintln!("xtask: fuzzing {dir}/{target} for {seconds} s");
-        // No sanitizer: the targets are safe Rust, so a panic or a broken oracle is what
-        // there is to find, and an uninstrumented build is several minutes faster.
+        // No sanitizer (coverage instrumentation only): the targets are safe Rust, so a
+        // panic or a broken oracle is what there is to find, and without AddressSanitizer
+        // the build takes minutes less.
         exec(
             Command::new("cargo")
                 .args(["+nightly", "fuzz", "run", "--sanitizer", "none", target])

@@ -180,7 +180,7 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
     } else {
         None
     };
-    let mut outputs = outputs::write(
+    let written = outputs::write(
         recipe,
         &name,
         staging.path(),
@@ -190,8 +190,13 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
         tests.as_ref(),
         started,
         &mut log,
-    )
-    .await?;
+    );
+    // Conversions of a large disk take minutes: Ctrl-C stops them too. Dropping the
+    // conversion kills its qemu-img; the staging directory goes with `staging`.
+    let mut outputs = tokio::select! {
+        written = written => written?,
+        () = cancel.cancelled() => bail!("cancelled while writing the outputs of {name}"),
+    };
     if let Some(tests) = &tests {
         let junit = staging.path().join(format!("{name}.junit.xml"));
         std::fs::write(&junit, crate::report::junit(&name, &tests.cases()))?;

@@ -4,6 +4,7 @@
 use crate::appliance::Spec;
 use crate::arch::Arch;
 use crate::archive::Fetcher;
+use crate::lock::HelperLock;
 use crate::session::{Session, SessionError};
 use crate::vm::{Accel, Vm, VmConfig};
 use anyhow::{Context, Result};
@@ -28,6 +29,8 @@ pub struct HelperOptions {
     pub bare: bool,
     /// Mirrors the guest's package proxy may fetch from, besides the appliance's own.
     pub proxy_mirrors: Vec<String>,
+    /// Releases the proxy serves as a lock names them ([`crate::proxy::Proxy::pin`]).
+    pub pinned: Vec<crate::lock::LockedRelease>,
 }
 
 pub struct Helper {
@@ -39,6 +42,8 @@ pub struct Helper {
     pub boot_time: Duration,
     /// The guest's package proxy, for its statistics.
     pub proxy: std::sync::Arc<crate::proxy::Proxy>,
+    /// What the appliance consists of, for the lock of what it builds.
+    pub appliance: HelperLock,
 }
 
 impl Helper {
@@ -48,6 +53,7 @@ impl Helper {
         let mut mirrors = vec![spec.definition.mirror.clone()];
         mirrors.extend(options.proxy_mirrors.iter().cloned());
         let proxy = crate::proxy::Proxy::new(&mirrors, fetcher.clone());
+        proxy.pin(&options.pinned);
         let fetcher = fetcher.clone();
         let stats = fetcher.clone();
         let appliance = tokio::task::spawn_blocking(move || spec.ensure(&fetcher, false)).await??;
@@ -59,6 +65,10 @@ impl Helper {
         );
         let agent = crate::agent::load(arch)?;
         let initrd = appliance.initrd(&agent, options.bare)?;
+        let built_from = HelperLock {
+            release: appliance.manifest.release.clone(),
+            packages: appliance.manifest.packages.clone(),
+        };
         let mut config = VmConfig {
             arch,
             kernel: appliance.kernel(),
@@ -71,7 +81,7 @@ impl Helper {
         let (accel, why_not_kvm) = Accel::choose(arch);
         if accel == Accel::Kvm {
             config.accel = Accel::Kvm;
-            match Helper::start(&config, KVM_PROBE_TIMEOUT, proxy.clone()).await {
+            match Helper::start(&config, KVM_PROBE_TIMEOUT, proxy.clone(), built_from.clone()).await {
                 Ok(helper) => {
                     Accel::record_probe(true);
                     return Ok(helper);
@@ -90,10 +100,15 @@ impl Helper {
         } else if let Some(why) = why_not_kvm {
             tracing::info!("using TCG (software emulation, {} vCPUs): {why}", config.cpus);
         }
-        Helper::start(&config, options.boot_timeout, proxy).await
+        Helper::start(&config, options.boot_timeout, proxy, built_from).await
     }
 
-    async fn start(config: &VmConfig, timeout: Duration, proxy: std::sync::Arc<crate::proxy::Proxy>) -> Result<Helper> {
+    async fn start(
+        config: &VmConfig,
+        timeout: Duration,
+        proxy: std::sync::Arc<crate::proxy::Proxy>,
+        appliance: HelperLock,
+    ) -> Result<Helper> {
         let started = Instant::now();
         let spinner = crate::progress::spinner(format!("booting the {} helper VM", config.arch));
         let mut vm = Vm::start(config).await?;
@@ -114,6 +129,7 @@ impl Helper {
                 );
                 vm.serve_proxy(proxy.clone());
                 Ok(Helper {
+                    appliance,
                     vm,
                     disks: config.disks.clone(),
                     session,

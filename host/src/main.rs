@@ -1,6 +1,6 @@
 //! The `imgvm` command line.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use imgvm::arch::Arch;
 use imgvm::helper::HelperOptions;
@@ -47,6 +47,23 @@ enum Cmd {
     /// Check recipes without building them.
     #[command(subcommand)]
     Recipe(RecipeCmd),
+    /// Write the lock of a recipe (every package it installs, pinned) beside it: the
+    /// recipe's steps run in the helper VM, as for a build, but no image is written.
+    Lock(LockArgs),
+    /// What differs between two builds: recipe, partitions, packages and outputs. Exit
+    /// status 0 when nothing does, 1 when something does, 2 when one cannot be read.
+    Diff(DiffArgs),
+}
+
+#[derive(clap::Args)]
+struct DiffArgs {
+    /// The older build: its manifest, or the output directory holding it.
+    old: PathBuf,
+    /// The newer build: its manifest, or the output directory holding it.
+    new: PathBuf,
+    /// Print the differences as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -117,21 +134,18 @@ struct BuildArgs {
     /// Architecture to build (default: the recipe's, else this machine's).
     #[arg(long)]
     arch: Option<Arch>,
-    /// Where the image and its manifest, checksums and log go.
+    /// Where the image and its manifest, lock, SBOM, checksums and log go.
     #[arg(short, long, default_value = "out")]
     output: PathBuf,
-    /// Memory of the helper VM in MiB.
-    #[arg(long, default_value_t = 2048)]
-    memory: u32,
-    /// vCPUs of the helper VM (default: the host's cores, at most 8).
+    #[command(flatten)]
+    helper: BuildHelperArgs,
+    /// Install exactly the packages of this lock (default: NAME-ARCH.lock beside the
+    /// recipe, when there is one).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_lock")]
+    lock: Option<PathBuf>,
+    /// Ignore the lock beside the recipe: resolve packages from the mirror as it is now.
     #[arg(long)]
-    cpus: Option<u32>,
-    /// Debian mirror for the helper VM's own packages (not the image's).
-    #[arg(long, env = "IMGVM_MIRROR")]
-    helper_mirror: Option<String>,
-    /// Debian suite of the helper VM (not the image's).
-    #[arg(long, env = "IMGVM_SUITE")]
-    helper_suite: Option<String>,
+    no_lock: bool,
     /// Then test the image: the recipe's offline checks, and a boot on each firmware of
     /// its architecture. Results go to NAME.junit.xml and the manifest.
     #[arg(long)]
@@ -144,6 +158,40 @@ struct BuildArgs {
     json: bool,
     /// Let the recipe copy files from outside its directory and use a mirror on this
     /// machine or its link-local network (a local apt-cacher-ng): for recipes you wrote.
+    #[arg(long)]
+    trust_recipe: bool,
+}
+
+/// The helper VM of a build.
+#[derive(clap::Args)]
+struct BuildHelperArgs {
+    /// Memory of the helper VM in MiB.
+    #[arg(long, default_value_t = 2048)]
+    memory: u32,
+    /// vCPUs of the helper VM (default: the host's cores, at most 8).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Debian mirror for the helper VM's own packages (not the image's).
+    #[arg(long, env = "IMGVM_MIRROR")]
+    helper_mirror: Option<String>,
+    /// Debian suite of the helper VM (not the image's).
+    #[arg(long, env = "IMGVM_SUITE")]
+    helper_suite: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct LockArgs {
+    /// The recipe (YAML); the lock is written beside it, as NAME-ARCH.lock.
+    recipe: PathBuf,
+    /// Architecture to lock (default: the recipe's, else this machine's).
+    #[arg(long)]
+    arch: Option<Arch>,
+    /// Replace the lock that is there, resolving packages from the mirror as it is now.
+    #[arg(long)]
+    update: bool,
+    #[command(flatten)]
+    helper: BuildHelperArgs,
+    /// See `imgvm build --trust-recipe`.
     #[arg(long)]
     trust_recipe: bool,
 }
@@ -206,12 +254,39 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            // Errors quote the guest (messages, stderr tails): see imgvm::text.
-            eprintln!("error: {}", printable(&e.to_string()));
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {}", printable(&cause.to_string()));
-            }
+            report(&e);
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(e: &anyhow::Error) {
+    // Errors quote the guest (messages, stderr tails): see imgvm::text.
+    eprintln!("error: {}", printable(&e.to_string()));
+    for cause in e.chain().skip(1) {
+        eprintln!("  caused by: {}", printable(&cause.to_string()));
+    }
+}
+
+/// `diff`'s exit status: 1 says "they differ", so trouble is 2, as for diff(1).
+fn diff(args: DiffArgs) -> u8 {
+    let compared = (|| {
+        let (_, old) = imgvm::manifest::Manifest::find(&args.old)?;
+        let (_, new) = imgvm::manifest::Manifest::find(&args.new)?;
+        anyhow::Ok(imgvm::diff::Diff::between(&old, &new))
+    })();
+    match compared {
+        Ok(diff) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&diff).expect("a diff serialises"));
+            } else {
+                print!("{}", printable(&diff.text()));
+            }
+            u8::from(!diff.is_empty())
+        }
+        Err(e) => {
+            report(&e);
+            2
         }
     }
 }
@@ -222,6 +297,8 @@ async fn dispatch(command: Cmd) -> Result<u8> {
         Cmd::Run(args) => run(args).await,
         Cmd::Build(args) => build(args).await,
         Cmd::Test(args) => test(args).await,
+        Cmd::Diff(args) => Ok(diff(args)),
+        Cmd::Lock(args) => lock(args).await,
         Cmd::Recipe(RecipeCmd::Check {
             recipe,
             arch,
@@ -334,15 +411,17 @@ async fn build(args: BuildArgs) -> Result<u8> {
         }
         return Ok(0);
     }
+    let beside = recipe.lock_path();
+    let lock = match args.lock {
+        Some(path) => Some(path),
+        None if !args.no_lock && builtin.is_none() && beside.exists() => Some(beside),
+        None => None,
+    };
     let options = imgvm::build::BuildOptions {
-        recipe,
-        output: args.output,
-        memory_mib: args.memory,
-        cpus: args.cpus,
-        boot_timeout: Duration::from_secs(180),
-        helper_mirror: args.helper_mirror,
-        helper_suite: args.helper_suite,
+        lock: lock.map(|path| imgvm::lock::LockFile::read(&path)).transpose()?,
+        lock_only: false,
         test: args.test,
+        ..build_options(recipe, args.output, args.helper)
     };
     let Some(report) = interruptible(|cancel| imgvm::build::build(options, cancel)).await? else {
         return Ok(130);
@@ -361,6 +440,57 @@ async fn build(args: BuildArgs) -> Result<u8> {
         println!("{}", printable(&case.line()));
     }
     Ok(if tests.passed() { 0 } else { 1 })
+}
+
+fn build_options(
+    recipe: imgvm::recipe::Recipe,
+    output: PathBuf,
+    helper: BuildHelperArgs,
+) -> imgvm::build::BuildOptions {
+    imgvm::build::BuildOptions {
+        recipe,
+        output,
+        memory_mib: helper.memory,
+        cpus: helper.cpus,
+        boot_timeout: Duration::from_secs(180),
+        helper_mirror: helper.helper_mirror,
+        helper_suite: helper.helper_suite,
+        test: false,
+        lock: None,
+        lock_only: false,
+    }
+}
+
+/// `imgvm lock`: the build's steps in a scratch directory of the cache, and only the
+/// lock kept, beside the recipe.
+async fn lock(args: LockArgs) -> Result<u8> {
+    let recipe = imgvm::recipe::Recipe::load_with(&args.recipe, args.arch, trust(args.trust_recipe))?;
+    let dest = recipe.lock_path();
+    if dest.exists() && !args.update {
+        anyhow::bail!(
+            "{} exists: `imgvm lock --update {}` replaces it",
+            dest.display(),
+            args.recipe.display()
+        );
+    }
+    let cache = imgvm::cache::dir();
+    std::fs::create_dir_all(&cache)?;
+    let scratch = imgvm::leftovers::ClaimedDir::new_in(&cache, ".imgvm-lock-")?;
+    let options = imgvm::build::BuildOptions {
+        lock_only: true,
+        ..build_options(recipe, scratch.path().to_owned(), args.helper)
+    };
+    let Some(report) = interruptible(|cancel| imgvm::build::build(options, cancel)).await? else {
+        return Ok(130);
+    };
+    let written = report.outputs.first().context("the build wrote no lock")?;
+    // Into place in one rename, from beside it.
+    let dir = dest.parent().unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    std::io::copy(&mut std::fs::File::open(written)?, tmp.as_file_mut())?;
+    tmp.persist(&dest)?;
+    println!("{}", dest.display());
+    Ok(0)
 }
 
 async fn test(args: TestArgs) -> Result<u8> {
@@ -432,6 +562,7 @@ fn helper_options(vm: VmArgs, disks: Vec<PathBuf>, memory_mib: u32, cpus: Option
         suite: vm.suite,
         bare: false,
         proxy_mirrors: Vec::new(),
+        pinned: Vec::new(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! user when the suite runs as root (imgvm promises to need no root, so the tests hold
 //! it to that).
 
+pub mod cyclonedx;
 pub mod mirror;
 
 use std::os::unix::fs::PermissionsExt;

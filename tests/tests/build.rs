@@ -49,7 +49,16 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     files.sort();
-    let expected = ["SHA256SUMS", "build.log", "junit.xml", "manifest.json", "qcow2", "raw"];
+    let expected = [
+        "SHA256SUMS",
+        "build.log",
+        "cdx.json",
+        "junit.xml",
+        "lock",
+        "manifest.json",
+        "qcow2",
+        "raw",
+    ];
     let mut wanted: Vec<String> = expected
         .iter()
         .map(|e| {
@@ -113,6 +122,8 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
     ] {
         assert!(packages.contains(&wanted), "{wanted} missing from the manifest");
     }
+
+    lock_sbom_and_diff(&out, name, &manifest, &cache);
 
     // Every offline check passed and the image booted on both firmwares, as the manifest
     // and the JUnit report say.
@@ -194,6 +205,112 @@ cat /mnt/etc/fstab";
     assert!(
         downloaded > 100,
         "the first build downloaded only {downloaded} packages"
+    );
+}
+
+/// The lock names every installed package with the very .deb it came from (checked in
+/// the cache with dpkg-deb), the SBOM is valid CycloneDX listing them, and `imgvm diff`
+/// tells a build from itself and from one with another package version.
+fn lock_sbom_and_diff(out: &Path, name: &str, manifest: &serde_json::Value, cache: &Path) {
+    let read = |file: String| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.join(file)).unwrap()).unwrap()
+    };
+    let lock = read(format!("{name}.lock"));
+    assert!(
+        lock.get("unlisted").is_none(),
+        "packages of no signed index: {}",
+        lock["unlisted"]
+    );
+    let locked = lock["packages"].as_array().unwrap();
+    let installed = manifest["packages"].as_array().unwrap();
+    assert_eq!(locked.len(), installed.len());
+    for package in installed {
+        let field = |p: &serde_json::Value, f: &str| p[f].as_str().unwrap().to_owned();
+        let entry = locked
+            .iter()
+            .find(|l| {
+                ["name", "version", "architecture"]
+                    .iter()
+                    .all(|f| field(l, f) == field(package, f))
+            })
+            .unwrap_or_else(|| panic!("{package} is not in the lock"));
+        assert!(field(entry, "filename").starts_with("pool/"), "{entry}");
+        // The .deb the lock names is the one in the verified cache, and is this package.
+        let deb = cache.join("archive/sha256").join(field(entry, "sha256"));
+        let sum = run_ok(Command::new("sha256sum").arg(&deb));
+        assert!(sum.starts_with(&field(entry, "sha256")), "{sum}");
+        let control = run_ok(
+            Command::new("dpkg-deb")
+                .args(["-f"])
+                .arg(&deb)
+                .args(["Package", "Version"]),
+        );
+        assert_eq!(
+            control,
+            format!(
+                "Package: {}\nVersion: {}\n",
+                field(entry, "name"),
+                field(entry, "version")
+            )
+        );
+    }
+    let releases: Vec<&str> = lock["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["url"].as_str().unwrap())
+        .collect();
+    assert!(
+        releases.iter().any(|u| u.ends_with("/dists/trixie/InRelease")),
+        "{releases:?}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let epoch = lock["source_date_epoch"].as_i64().unwrap();
+    assert!(now - 90 * 86400 < epoch && epoch <= now, "source_date_epoch {epoch}");
+    assert!(
+        lock["helper"]["packages"].as_array().unwrap().len() > 10,
+        "{}",
+        lock["helper"]
+    );
+
+    let sbom = read(format!("{name}.cdx.json"));
+    assert_eq!(imgvm_e2e::cyclonedx::schema_errors(&sbom), Vec::<String>::new());
+    let components = sbom["components"].as_array().unwrap();
+    assert_eq!(components.len(), locked.len());
+    let cloud_init = components.iter().find(|c| c["name"] == "cloud-init").unwrap();
+    let purl = cloud_init["purl"].as_str().unwrap();
+    assert_eq!(
+        purl,
+        format!(
+            "pkg:deb/debian/cloud-init@{}?arch=all&distro=debian-13",
+            cloud_init["version"].as_str().unwrap()
+        )
+    );
+
+    // `imgvm diff`: nothing differs between a build and itself (exit 0, no output); a
+    // manifest with another cloud-init names exactly that (exit 1).
+    let diff = |new: &Path| imgvm(["diff"]).arg(out).arg(new).output().unwrap();
+    let same = diff(out);
+    assert_eq!(same.status.code(), Some(0), "{same:?}");
+    assert!(same.stdout.is_empty(), "{same:?}");
+    let mut edited = manifest.clone();
+    let version = cloud_init["version"].as_str().unwrap();
+    for p in edited["packages"].as_array_mut().unwrap() {
+        if p["name"] == "cloud-init" {
+            p["version"] = format!("{version}.1").into();
+        }
+    }
+    let other = out.parent().unwrap().join("edited.manifest.json");
+    std::fs::write(&other, serde_json::to_vec(&edited).unwrap()).unwrap();
+    give_to_user(&other);
+    let changed = diff(&other);
+    assert_eq!(changed.status.code(), Some(1), "{changed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&changed.stdout),
+        format!("~ cloud-init (all) {version} -> {version}.1\n")
     );
 }
 

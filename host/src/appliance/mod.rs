@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use tree::{Node, Tree};
 
 /// Bumped whenever assembly changes in a way that changes its output.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// Where the agent writes its load list from (see the agent's `init`).
 const MODULE_LIST: &str = "etc/imgvm/modules";
@@ -43,7 +43,9 @@ pub struct Manifest {
     pub kernel_package: String,
     pub kernel_version: String,
     pub modules: Vec<String>,
-    pub packages: Vec<imgvm_protocol::Package>,
+    /// What its packages came from, for the lock of every image it builds.
+    pub release: crate::lock::LockedRelease,
+    pub packages: Vec<crate::lock::LockedPackage>,
 }
 
 /// Which appliance to use: the definition plus any mirror or suite override.
@@ -121,7 +123,7 @@ impl Spec {
         let arch = self.arch;
         let archive = Archive::new(&def.mirror, &def.suite, &crate::cache::verified(), fetcher.clone());
         tracing::info!("resolving the {arch} appliance from {} {}", def.mirror, def.suite);
-        let index = archive.index(arch)?;
+        let (index, release) = archive.index(arch)?;
         let kernel_meta = def.kernel_package(arch)?;
         let kernel = kernel_image_package(&index, kernel_meta)?;
         let packages = index
@@ -194,14 +196,8 @@ impl Spec {
                 .iter()
                 .map(|m| kmod::module_name(&m.path).unwrap_or_default())
                 .collect(),
-            packages: packages
-                .values()
-                .map(|p| imgvm_protocol::Package {
-                    name: p.name.clone(),
-                    version: p.version.clone(),
-                    architecture: p.architecture.clone(),
-                })
-                .collect(),
+            release,
+            packages: packages.values().map(|p| archive.locked(p)).collect(),
         };
         std::fs::write(
             staging.path().join("manifest.json"),

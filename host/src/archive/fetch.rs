@@ -145,20 +145,39 @@ impl Fetcher {
         }
     }
 
+    /// Whether the mirror has `url` (a HEAD request, redirects followed and checked):
+    /// `false` for 404 and 410, an error for anything else that is not a success.
+    pub fn exists(&self, url: &str) -> Result<bool> {
+        let result = self.retry(url, false, || self.request(url, Method::Head).map(drop));
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(e.root_cause().downcast_ref::<Status>(), Some(Status(404 | 410))) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     fn count(&self, bytes: u64) {
         self.stats.files.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     fn open(&self, url: &str) -> Result<impl Read> {
+        Ok(self.request(url, Method::Get)?.into_body().into_reader())
+    }
+
+    fn request(&self, url: &str, method: Method) -> Result<ureq::http::Response<ureq::Body>> {
         let mut url = url.to_owned();
         for _ in 0..=MAX_REDIRECTS {
-            let response = self.agent.get(&url).call().map_err(|e| match e {
+            let sent = match method {
+                Method::Get => self.agent.get(&url).call(),
+                Method::Head => self.agent.head(&url).call(),
+            };
+            let response = sent.map_err(|e| match e {
                 ureq::Error::StatusCode(code) => anyhow::Error::new(Status(code)),
                 other => anyhow::Error::new(other),
             })?;
             if !response.status().is_redirection() {
-                return Ok(response.into_body().into_reader());
+                return Ok(response);
             }
             let location = response
                 .headers()
@@ -192,6 +211,12 @@ impl Fetcher {
         }
         unreachable!()
     }
+}
+
+#[derive(Clone, Copy)]
+enum Method {
+    Get,
+    Head,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -280,6 +305,21 @@ mod tests {
             let err = format!("{:#}", fetcher.get(&format!("{base}/debian/{path}")).unwrap_err());
             assert!(err.contains("not under an allowed mirror"), "{err}");
         }
+    }
+
+    #[test]
+    fn exists_tells_present_from_gone_and_from_broken() {
+        let base = serve(|path| match path {
+            "/debian/there" => ok("x"),
+            "/debian/moved" => redirect("/debian/there"),
+            "/debian/broken" => "HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+            _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+        });
+        let fetcher = Fetcher::new(Duration::from_millis(1));
+        assert!(fetcher.exists(&format!("{base}/debian/there")).unwrap());
+        assert!(fetcher.exists(&format!("{base}/debian/moved")).unwrap());
+        assert!(!fetcher.exists(&format!("{base}/debian/gone")).unwrap());
+        assert!(fetcher.exists(&format!("{base}/debian/broken")).is_err());
     }
 
     #[test]

@@ -11,10 +11,12 @@ mod release;
 pub use deb::extract_data;
 pub use fetch::{hex, Fetcher, Stats, Status};
 pub use packages::{Package, PackageIndex};
-pub use release::{Freshness, Release, KEYRING};
+pub use release::{parse_date, Freshness, Release, KEYRING};
 
 use crate::arch::Arch;
+use crate::lock::{LockedPackage, LockedRelease};
 use anyhow::{Context, Result};
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 
 /// One suite of one mirror, e.g. `http://deb.debian.org/debian` `trixie`.
@@ -40,12 +42,18 @@ impl Archive {
         &self.fetcher
     }
 
-    /// The verified package index of `main` for `arch` (which includes `Architecture: all`).
-    pub fn index(&self, arch: Arch) -> Result<PackageIndex> {
+    /// The verified package index of `main` for `arch` (which includes `Architecture: all`),
+    /// and the release that lists it.
+    pub fn index(&self, arch: Arch) -> Result<(PackageIndex, LockedRelease)> {
         let url = format!("{}/dists/{}/InRelease", self.mirror, self.suite);
         let signed = self.fetcher.get(&url).with_context(|| format!("fetching {url}"))?;
         let release =
             Release::verify(&signed, &self.suite, Freshness::of(&url)).with_context(|| format!("verifying {url}"))?;
+        let locked = LockedRelease {
+            url: url.clone(),
+            sha256: hex(&sha2::Sha256::digest(&signed)),
+            date: release.date().unwrap_or_default().to_owned(),
+        };
         let path = format!("main/binary-{}/Packages.xz", arch.debian());
         let entry = release
             .file(&path)
@@ -53,7 +61,13 @@ impl Archive {
         let url = format!("{}/dists/{}/{path}", self.mirror, self.suite);
         let file = self.cached(&url, &entry.sha256, entry.size)?;
         let reader = liblzma::read::XzDecoder::new(std::fs::File::open(&file)?);
-        PackageIndex::parse(std::io::BufReader::new(reader)).with_context(|| format!("parsing {url}"))
+        let index = PackageIndex::parse(std::io::BufReader::new(reader)).with_context(|| format!("parsing {url}"))?;
+        Ok((index, locked))
+    }
+
+    /// `package` as the lock records it.
+    pub fn locked(&self, package: &Package) -> LockedPackage {
+        LockedPackage::listed(&self.mirror, package)
     }
 
     /// The `.deb` of `package`, verified against the index, from the cache if it is there.

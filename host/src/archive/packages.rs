@@ -12,6 +12,10 @@ pub struct Package {
     pub filename: String,
     pub size: u64,
     pub sha256: String,
+    /// The source package it was built from, and that source's version (both the
+    /// binary's own when the index names no `Source`).
+    pub source: String,
+    pub source_version: String,
     pub essential: bool,
     /// Depends and Pre-Depends: each inner list is a set of alternatives.
     pub depends: Vec<Vec<String>>,
@@ -156,9 +160,19 @@ impl Package {
         };
         let mut depends = relations("Pre-Depends");
         depends.extend(relations("Depends"));
+        let name = fields.get("Package")?.clone();
+        let version = fields.get("Version")?.clone();
+        // `Source: foo` or `Source: foo (1.2-3)`, the latter when the versions differ.
+        let (source, source_version) = match fields.get("Source").map(|s| s.split_once(" (")) {
+            Some(Some((source, rest))) => (source.to_owned(), rest.trim_end_matches(')').to_owned()),
+            Some(None) => (fields["Source"].clone(), version.clone()),
+            None => (name.clone(), version.clone()),
+        };
         Some(Package {
-            name: fields.get("Package")?.clone(),
-            version: fields.get("Version")?.clone(),
+            name,
+            version,
+            source,
+            source_version,
             architecture: fields.get("Architecture")?.clone(),
             filename: fields.get("Filename")?.clone(),
             size: fields.get("Size")?.parse().ok()?,
@@ -192,6 +206,7 @@ SHA256: aa
 Package: libfoo
 Version: 2
 Architecture: amd64
+Source: foo (2.0-1)
 Filename: pool/l/libfoo.deb
 Size: 10
 SHA256: bb
@@ -199,6 +214,7 @@ SHA256: bb
 Package: postfix
 Version: 3
 Architecture: amd64
+Source: postfix-src
 Provides: mail-transport-agent
 Filename: pool/p/postfix.deb
 Size: 10
@@ -226,6 +242,18 @@ SHA256: ee
         let index = PackageIndex::parse(INDEX.as_bytes()).unwrap();
         let names: Vec<_> = index.closure(&["app".into()]).unwrap().into_keys().collect();
         assert_eq!(names, ["app", "base", "libfoo", "perl", "postfix"]);
+    }
+
+    #[test]
+    fn source_packages_are_read() {
+        let index = PackageIndex::parse(INDEX.as_bytes()).unwrap();
+        let source = |name| {
+            let p = index.get(name).unwrap();
+            (p.source.as_str(), p.source_version.as_str())
+        };
+        assert_eq!(source("libfoo"), ("foo", "2.0-1"));
+        assert_eq!(source("postfix"), ("postfix-src", "3"));
+        assert_eq!(source("perl"), ("perl", "5"));
     }
 
     #[test]

@@ -132,6 +132,11 @@ impl Release {
         Release { files, fields }
     }
 
+    /// The release's `Date` field, as written.
+    pub fn date(&self) -> Option<&str> {
+        self.fields.get("Date").map(String::as_str)
+    }
+
     pub fn file(&self, path: &str) -> Option<&Entry> {
         self.files.get(path)
     }
@@ -163,7 +168,7 @@ fn signature(status: &str) -> Result<(), String> {
 }
 
 /// Seconds since the epoch of a release date, `Sat, 05 Dec 2026 08:12:34 UTC`.
-fn parse_date(text: &str) -> Option<i64> {
+pub fn parse_date(text: &str) -> Option<i64> {
     let mut words = text.split_whitespace();
     let _weekday = words.next()?;
     let day: i64 = words.next()?.parse().ok()?;

@@ -6,6 +6,7 @@ mod outputs;
 
 use crate::archive::Fetcher;
 use crate::helper::{Helper, HelperOptions};
+use crate::lock::{Lock, LockFile, LockedRelease};
 use crate::plan::{Action, NamedCheck, Phase};
 use crate::recipe::Recipe;
 use crate::recipe::SourceKind;
@@ -28,10 +29,14 @@ pub struct BuildOptions {
     pub helper_suite: Option<String>,
     /// Run the recipe's offline checks and boot the image on each of its firmwares.
     pub test: bool,
+    /// Install exactly the packages this lock names.
+    pub lock: Option<LockFile>,
+    /// Write only the lock (`imgvm lock`): no image, no other output.
+    pub lock_only: bool,
 }
 
 /// Wall time of one phase of the build, for the log, the manifest and `bench build`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Timing {
     pub step: String,
     pub seconds: f64,
@@ -142,7 +147,21 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
     }
     let recipe = &options.recipe;
     let started = Instant::now();
-    let name = format!("{}-{}", recipe.name, recipe.arch);
+    let name = recipe.image_name();
+    // A lock that cannot be followed fails now, before any VM starts.
+    let pinned = match &options.lock {
+        Some(lock) => {
+            tracing::info!("following the lock {}", lock.path.display());
+            let release = lock.check(&subject(recipe))?.clone();
+            let lock = lock.clone();
+            tokio::task::spawn_blocking(move || {
+                lock.available(&release, &Fetcher::default(), &crate::cache::verified())
+                    .map(|()| vec![release])
+            })
+            .await??
+        }
+        None => Vec::new(),
+    };
     std::fs::create_dir_all(&options.output).with_context(|| format!("creating {}", options.output.display()))?;
     // Outputs are assembled next to where they will end up, then renamed into place.
     let staging = crate::leftovers::ClaimedDir::new_in(&options.output, ".imgvm-build-")
@@ -159,8 +178,8 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
         recipe.arch
     ));
 
-    let result = run_steps(&options, &disk, staging.path(), &mut log, &cancel).await;
-    let (timings, findings) = match result {
+    let result = run_steps(&options, pinned, &disk, staging.path(), &mut log, &cancel).await;
+    let (timings, findings, lock) = match result {
         Ok(done) => done,
         Err(e) => {
             log.line(&format!("FAILED: {e:#}"));
@@ -171,6 +190,18 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
             return Err(e.context(format!("building {name} failed (log: {})", kept.display())));
         }
     };
+    if options.lock_only {
+        let file = staging.path().join(format!("{name}.lock"));
+        std::fs::write(&file, lock.to_json())?;
+        let dest = options.output.join(format!("{name}.lock"));
+        std::fs::rename(&file, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
+        return Ok(Report {
+            outputs: vec![dest],
+            timings,
+            seconds: started.elapsed().as_secs_f64(),
+            tests: None,
+        });
+    }
     let tests = if options.test {
         let boots = boot_tests(&options, &disk, &findings, &mut log, &cancel).await?;
         Some(TestReport {
@@ -186,6 +217,7 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
         staging.path(),
         &disk,
         &findings.packages,
+        &lock,
         &timings,
         tests.as_ref(),
         started,
@@ -255,15 +287,16 @@ async fn boot_tests(
     Ok(results)
 }
 
-/// Boots the helper with the disk, runs every step, returns the step timings and the
-/// installed packages.
+/// Boots the helper with the disk, runs every step, returns the step timings, what the
+/// helper found out about the image and its lock.
 async fn run_steps(
     options: &BuildOptions,
+    pinned: Vec<LockedRelease>,
     disk: &Path,
     staging: &Path,
     log: &mut Log,
     cancel: &CancellationToken,
-) -> Result<(Vec<Timing>, Findings)> {
+) -> Result<(Vec<Timing>, Findings, Lock)> {
     let recipe = &options.recipe;
     let mut timings = Vec::new();
     let boot_started = Instant::now();
@@ -277,6 +310,7 @@ async fn run_steps(
         suite: options.helper_suite.clone(),
         bare: false,
         proxy_mirrors: vec![recipe.mirror.clone()],
+        pinned,
     };
     let fetcher = Fetcher::default();
     let mut helper = tokio::select! {
@@ -308,10 +342,43 @@ async fn run_steps(
     log.line(&format!(
         "package proxy: {downloaded} .deb downloaded, {cached} from the cache"
     ));
+    let lock = Lock::new(
+        subject(recipe),
+        &findings.packages,
+        &helper.proxy.listed(),
+        helper.appliance.clone(),
+    );
+    if !lock.unlisted.is_empty() {
+        let names: Vec<_> = lock
+            .unlisted
+            .iter()
+            .map(|p| format!("{} {}", p.name, p.version))
+            .collect();
+        let line = format!(
+            "lock: {} installed packages are in no signed index read, and cannot be fetched again: {}",
+            names.len(),
+            names.join(", ")
+        );
+        tracing::warn!("{line}");
+        log.line(&line);
+    }
     let shutdown = helper.shutdown().await;
     result?;
     shutdown?;
-    Ok((timings, findings))
+    if let Some(locked) = &options.lock {
+        locked.followed_by(&lock)?;
+    }
+    Ok((timings, findings, lock))
+}
+
+/// The recipe, as its lock names it.
+fn subject(recipe: &Recipe) -> crate::lock::Subject<'_> {
+    crate::lock::Subject {
+        recipe: &recipe.name,
+        arch: recipe.arch.to_string(),
+        suite: &recipe.suite,
+        mirror: &recipe.mirror,
+    }
 }
 
 async fn run_phase(

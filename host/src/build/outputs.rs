@@ -2,47 +2,13 @@
 //! SHA256SUMS and the log. Conversions use the `qemu-img` program.
 
 use super::{Log, Timing};
+use crate::manifest::{Manifest, OutputInfo, RecipeInfo};
 use crate::recipe::{OutputFormat, Recipe};
 use anyhow::{bail, Context, Result};
 use imgvm_protocol::Package;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-#[derive(serde::Serialize)]
-struct Manifest<'a> {
-    name: &'a str,
-    recipe: RecipeInfo<'a>,
-    imgvm_version: &'static str,
-    arch: String,
-    suite: &'a str,
-    mirror: &'a str,
-    /// Seconds since the Unix epoch.
-    built_at: u64,
-    build_seconds: f64,
-    partitions: &'a [crate::recipe::Partition],
-    outputs: Vec<OutputInfo>,
-    steps: &'a [Timing],
-    packages: &'a [Package],
-    /// With `--test`: every offline check and boot, passed or not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tests: Option<&'a super::TestReport>,
-}
-
-#[derive(serde::Serialize)]
-struct RecipeInfo<'a> {
-    name: &'a str,
-    file: String,
-    sha256: &'a str,
-}
-
-#[derive(serde::Serialize)]
-struct OutputInfo {
-    file: String,
-    format: OutputFormat,
-    bytes: u64,
-    sha256: String,
-}
 
 /// Writes every output into `staging` and returns their paths (the log excepted).
 #[allow(clippy::too_many_arguments)]
@@ -52,6 +18,7 @@ pub async fn write(
     staging: &Path,
     disk: &Path,
     packages: &[Package],
+    lock: &crate::lock::Lock,
     timings: &[Timing],
     tests: Option<&super::TestReport>,
     started: Instant,
@@ -144,36 +111,42 @@ pub async fn write(
         });
     }
     let manifest = Manifest {
-        name,
+        name: name.to_owned(),
         recipe: RecipeInfo {
-            name: &recipe.name,
+            name: recipe.name.clone(),
             file: recipe.file.display().to_string(),
-            sha256: &recipe.hash,
+            sha256: recipe.hash.clone(),
         },
-        imgvm_version: env!("CARGO_PKG_VERSION"),
+        imgvm_version: env!("CARGO_PKG_VERSION").to_owned(),
         arch: recipe.arch.to_string(),
-        suite: &recipe.suite,
-        mirror: &recipe.mirror,
+        suite: recipe.suite.clone(),
+        mirror: recipe.mirror.clone(),
         built_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         build_seconds: started.elapsed().as_secs_f64(),
-        partitions: &recipe.partitions,
+        partitions: recipe.partitions.clone(),
         outputs: infos,
-        steps: timings,
-        packages,
-        tests,
+        steps: timings.to_vec(),
+        packages: packages.to_vec(),
+        tests: tests.cloned(),
     };
     let manifest_path = staging.join(format!("{name}.manifest.json"));
     std::fs::write(&manifest_path, serde_json::to_vec_pretty(&manifest)?)?;
-    sums.push_str(&format!(
-        "{}  {}\n",
-        sha256(&manifest_path)?,
-        manifest_path.file_name().expect("named").to_string_lossy()
-    ));
+    let lock_path = staging.join(format!("{name}.lock"));
+    std::fs::write(&lock_path, lock.to_json())?;
+    let sbom_path = staging.join(format!("{name}.cdx.json"));
+    std::fs::write(&sbom_path, crate::sbom::cyclonedx(name, lock)?)?;
+    for file in [manifest_path, lock_path, sbom_path] {
+        sums.push_str(&format!(
+            "{}  {}\n",
+            sha256(&file)?,
+            file.file_name().expect("named").to_string_lossy()
+        ));
+        files.push(file);
+    }
     let sums_path = staging.join("SHA256SUMS");
     std::fs::write(&sums_path, sums)?;
-    files.push(manifest_path);
     files.push(sums_path);
     Ok(files)
 }
@@ -281,6 +254,7 @@ mod tests {
             &staging,
             &disk,
             &packages,
+            &crate::lock::tests::lock(&[("base-files", "13.8")]),
             &[],
             None,
             Instant::now(),
@@ -302,10 +276,16 @@ mod tests {
                 "t-amd64.tar.gz",
                 "t-amd64.rootfs.tar",
                 "t-amd64.manifest.json",
+                "t-amd64.lock",
+                "t-amd64.cdx.json",
                 "SHA256SUMS"
             ]
         );
         assert!(!disk.exists(), "the working disk became the raw output");
+        // What `diff` reads back is what was written.
+        let (_, manifest) = Manifest::find(&staging).unwrap();
+        assert_eq!(manifest.packages, packages);
+        assert_eq!(manifest.outputs.len(), 6);
         let path = |name: &str| staging.join(name).display().to_string();
         // Named formats: qemu-img cannot tell a fixed VHD (a footer at the end) from raw.
         let info = |name: &str, format: &str| -> serde_json::Value {
@@ -358,9 +338,9 @@ mod tests {
         );
         assert_eq!(tool("tar", &["-tf", &path("t-amd64.rootfs.tar")]).trim(), "hostname");
 
-        // The sums cover every output and the manifest, and they hold.
+        // The sums cover every output, the manifest, the lock and the SBOM, and they hold.
         let sums = std::fs::read_to_string(staging.join("SHA256SUMS")).unwrap();
-        assert_eq!(sums.lines().count(), 7, "{sums}");
+        assert_eq!(sums.lines().count(), 9, "{sums}");
         let check = Command::new("sha256sum")
             .args(["--check", "--strict", "SHA256SUMS"])
             .current_dir(&staging)

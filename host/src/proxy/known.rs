@@ -7,6 +7,8 @@
 //! A by-hash URL names its own checksum, so its content is checked against its name.
 
 use crate::archive::{Freshness, PackageIndex, Release};
+use crate::lock::{Listed, LockedPackage, LockedRelease};
+use sha2::Digest;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
@@ -21,10 +23,18 @@ pub struct Expected {
 
 #[derive(Default)]
 pub struct Known {
-    /// SHA256 of an index listed by a verified release → its path there.
-    indexes: Mutex<HashMap<String, String>>,
+    /// SHA256 of an index listed by a verified release → its mirror and its path there.
+    indexes: Mutex<HashMap<String, Index>>,
     /// Path under the mirror of a package listed by a verified index → its checksum.
     pool: Mutex<HashMap<String, Expected>>,
+    /// The releases and packages above, for the build's lock.
+    listed: Mutex<Listed>,
+}
+
+#[derive(Debug, Clone)]
+struct Index {
+    mirror: String,
+    path: String,
 }
 
 impl Known {
@@ -39,42 +49,60 @@ impl Known {
         self.pool.lock().unwrap().get(path).cloned()
     }
 
-    /// Learns from a release the mirror served for `path` (`dists/SUITE/InRelease`), if
-    /// it verifies.
-    pub fn release(&self, path: &str, body: &[u8], freshness: Freshness) {
+    /// Everything learnt so far from verified releases and indices.
+    pub fn listed(&self) -> Listed {
+        self.listed.lock().unwrap().clone()
+    }
+
+    /// Learns from a release the mirror served at `url` for `path` (`dists/SUITE/InRelease`
+    /// under the mirror), if it verifies; says whether it did.
+    pub fn release(&self, url: &str, path: &str, body: &[u8]) -> bool {
         let Some(suite) = path.strip_prefix("dists/").and_then(|p| p.strip_suffix("/InRelease")) else {
-            return;
+            return false;
         };
-        match Release::verify(body, suite, freshness) {
+        let Some(mirror) = url.strip_suffix(path) else {
+            return false;
+        };
+        match Release::verify(body, suite, Freshness::of(url)) {
             Ok(release) => {
                 let mut indexes = self.indexes.lock().unwrap();
                 for (file, entry) in release.files() {
-                    indexes.insert(entry.sha256.clone(), file.to_owned());
+                    let index = Index {
+                        mirror: mirror.trim_end_matches('/').to_owned(),
+                        path: file.to_owned(),
+                    };
+                    indexes.insert(entry.sha256.clone(), index);
                 }
+                self.listed.lock().unwrap().add_release(LockedRelease {
+                    url: url.to_owned(),
+                    sha256: crate::archive::hex(&sha2::Sha256::digest(body)),
+                    date: release.date().unwrap_or_default().to_owned(),
+                });
+                true
             }
-            Err(e) => tracing::debug!("package proxy: {path} does not verify: {e:#}"),
+            Err(e) => {
+                tracing::debug!("package proxy: {path} does not verify: {e:#}");
+                false
+            }
         }
     }
 
     /// Learns the packages of an index with checksum `sha256` stored at `file`, if a
     /// verified release lists it as a `Packages` index.
     pub fn index(&self, sha256: &str, file: &Path) {
-        let is_packages = self
-            .indexes
-            .lock()
-            .unwrap()
-            .get(sha256)
-            .is_some_and(|path| path.rsplit('/').next().is_some_and(|name| name.starts_with("Packages")));
-        if !is_packages {
+        let index = self.indexes.lock().unwrap().get(sha256).cloned();
+        let Some(index) = index.filter(|i| i.path.rsplit('/').next().is_some_and(|n| n.starts_with("Packages"))) else {
             return;
-        }
+        };
         let parsed = std::fs::File::open(file)
             .map_err(anyhow::Error::from)
             .and_then(|f| PackageIndex::parse(std::io::BufReader::new(decompressed(f)?)));
         match parsed {
-            Ok(index) => {
+            Ok(parsed) => {
                 let mut pool = self.pool.lock().unwrap();
-                for package in index.packages() {
+                let mut listed = self.listed.lock().unwrap();
+                for package in parsed.packages() {
+                    listed.add_package(LockedPackage::listed(&index.mirror, package));
                     pool.insert(
                         package.filename.clone(),
                         Expected {
@@ -140,11 +168,13 @@ mod tests {
         // No release listed it: a mirror's word alone is not enough.
         known.index("feed", &index);
         assert_eq!(known.expected("pool/main/f/foo/foo_1_amd64.deb"), None);
-        known
-            .indexes
-            .lock()
-            .unwrap()
-            .insert("feed".into(), "main/binary-amd64/Packages".into());
+        known.indexes.lock().unwrap().insert(
+            "feed".into(),
+            Index {
+                mirror: "http://m/debian".into(),
+                path: "main/binary-amd64/Packages".into(),
+            },
+        );
         known.index("feed", &index);
         assert_eq!(
             known.expected("pool/main/f/foo/foo_1_amd64.deb"),
@@ -152,17 +182,38 @@ mod tests {
                 sha256: "abc".into(),
                 size: Some(3)
             })
-        );
+        ); // And the lock learns where it came from.
+        let listed = known.listed();
+        let installed = imgvm_protocol::Package {
+            name: "foo".into(),
+            version: "1".into(),
+            architecture: "amd64".into(),
+        };
+        let helper = crate::lock::HelperLock {
+            release: crate::lock::tests::release("x"),
+            packages: vec![],
+        };
+        let subject = crate::lock::Subject {
+            recipe: "r",
+            arch: "amd64".into(),
+            suite: "trixie",
+            mirror: "http://m/debian",
+        };
+        let lock = crate::lock::Lock::new(subject, &[installed], &listed, helper);
+        assert_eq!(lock.packages[0].archive, "http://m/debian");
+        assert_eq!(lock.packages[0].filename, "pool/main/f/foo/foo_1_amd64.deb");
+        assert_eq!(lock.packages[0].sha256, "abc");
     }
 
     #[test]
     fn an_unsigned_release_teaches_nothing() {
         let known = Known::default();
         known.release(
+            "http://snapshot.debian.org/archive/debian/20261128T000000Z/dists/trixie/InRelease",
             "dists/trixie/InRelease",
             b"Suite: trixie\nSHA256:\n feed 1 main/binary-amd64/Packages\n",
-            Freshness::Snapshot,
         );
         assert!(known.indexes.lock().unwrap().is_empty());
+        assert!(known.listed().releases.is_empty());
     }
 }

@@ -9,7 +9,7 @@
 
 mod known;
 
-use crate::archive::{hex, Fetcher, Freshness, Status};
+use crate::archive::{hex, Fetcher, Status};
 use known::{Expected, Known};
 use sha2::{Digest, Sha256};
 use std::io::Seek;
@@ -45,6 +45,8 @@ pub struct Proxy {
     failures: std::sync::Mutex<std::collections::VecDeque<String>>,
     /// How many there were.
     failing: std::sync::atomic::AtomicU32,
+    /// Release URLs whose `InRelease` must be the one a lock names: its SHA256.
+    pinned: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// Mirror failures remembered for the error of the step they broke.
@@ -82,6 +84,7 @@ impl Proxy {
             bytes_downloaded: AtomicU64::new(0),
             failures: Default::default(),
             failing: Default::default(),
+            pinned: Default::default(),
         })
     }
 
@@ -114,6 +117,21 @@ impl Proxy {
     fn delivered(&self) {
         self.failing.store(0, Ordering::Relaxed);
         self.failures.lock().unwrap().clear();
+    }
+
+    /// Serves these releases (from the verified cache, or from the mirror while it still
+    /// has them) in place of whatever the mirror serves now: with the indices of the
+    /// lock's day, apt installs the lock's packages.
+    pub fn pin(&self, releases: &[crate::lock::LockedRelease]) {
+        let mut pinned = self.pinned.lock().unwrap();
+        for release in releases {
+            pinned.insert(release.url.clone(), release.sha256.clone());
+        }
+    }
+
+    /// The releases it verified and the packages their indices list, for the lock.
+    pub fn listed(&self) -> crate::lock::Listed {
+        self.known.listed()
     }
 
     /// Bytes fetched from the mirror so far (not counting what came from the cache).
@@ -193,12 +211,26 @@ impl Proxy {
             .unwrap_or(url);
         let path = percent_decode(escaped).unwrap_or_else(|| escaped.to_owned());
         let deb = url.ends_with(".deb");
-        let expected = self.known.expected(&path);
+        let release = path.ends_with("/InRelease");
+        let pinned = self.pinned.lock().unwrap().get(url).cloned();
+        let authority = if pinned.is_some() {
+            "the lock"
+        } else {
+            "the signed index"
+        };
+        let expected = match pinned {
+            Some(sha256) => Some(Expected { sha256, size: None }),
+            None => self.known.expected(&path),
+        };
         if let Some(expected) = &expected {
             let stored = self.store.join(&expected.sha256);
             let (check, file, known) = (expected.clone(), stored.clone(), self.known.clone());
+            let (owned_url, owned_path) = (url.to_owned(), path.clone());
             let good = tokio::task::spawn_blocking(move || {
                 let good = matching(&file, &check)?;
+                if release {
+                    known.release(&owned_url, &owned_path, &std::fs::read(&file).ok()?);
+                }
                 known.index(&check.sha256, &file);
                 Some(good)
             });
@@ -214,7 +246,7 @@ impl Proxy {
                 let _ = std::fs::remove_file(&stored);
             }
         }
-        let listed = expected.is_some() || path.ends_with("/InRelease");
+        let listed = expected.is_some() || release;
         if listed && self.failing.load(Ordering::Relaxed) >= FAILURES_IN_A_ROW {
             return Err(anyhow::Error::new(Status(502)).context(format!(
                 "not asking the mirror again: it failed the last {FAILURES_IN_A_ROW} files it was asked for"
@@ -226,15 +258,13 @@ impl Proxy {
             let mut tmp = fetcher.fetch(&owned_url, &dir)?;
             tmp.rewind()?;
             let sha256 = sha256_of(tmp.as_file_mut())?;
-            if owned_path.ends_with("/InRelease") {
-                known.release(&owned_path, &std::fs::read(tmp.path())?, Freshness::of(&owned_url));
-            }
+            let verified = release && known.release(&owned_url, &owned_path, &std::fs::read(tmp.path())?);
             known.index(&sha256, tmp.path());
-            anyhow::Ok((tmp, sha256))
+            anyhow::Ok((tmp, sha256, verified))
         })
         .await?;
         // A file the signed indexes list is one the guest cannot do without.
-        let (tmp, sha256) = match fetched {
+        let (tmp, sha256, verified_release) = match fetched {
             Err(e) if listed => {
                 self.failed(format!("{e:#}"));
                 return Err(e);
@@ -248,13 +278,19 @@ impl Proxy {
         }
         let Some(expected) = expected else {
             self.delivered();
+            if verified_release {
+                // Kept, so that a lock naming it can be followed once the mirror moved on.
+                let mut file = tmp.persist(self.store.join(&sha256))?;
+                file.rewind()?;
+                return Ok(file);
+            }
             // Served from the open file; its name goes when `tmp` is dropped.
             return Ok(tmp.reopen()?);
         };
         if sha256 != expected.sha256 || expected.size.is_some_and(|size| size != len) {
             // Not cached and not served: apt would refuse it, and then retry.
             let why = format!(
-                "{url}: the mirror sent {len} bytes with SHA256 {sha256}; the signed index says {} with SHA256 {}",
+                "{url}: the mirror sent {len} bytes with SHA256 {sha256}; {authority} says {} with SHA256 {}",
                 expected.size.map_or("any size".into(), |s| format!("{s} bytes")),
                 expected.sha256
             );
@@ -593,6 +629,40 @@ mod tests {
         assert_eq!(std::fs::read_to_string(store.path().join(&good)).unwrap(), index);
         // The mirror delivers again: what it failed before did not break anything.
         assert_eq!(proxy.failures(), None);
+    }
+
+    #[tokio::test]
+    async fn a_pinned_release_is_the_one_the_lock_names() {
+        use crate::test_http::{ok, serve};
+        let base = serve(|_| ok("today's release"));
+        let store = tempfile::tempdir().unwrap();
+        let (proxy, mirror) = on_mirror(&base, store.path());
+        let url = format!("{mirror}/dists/trixie/InRelease");
+        let request = format!("GET {url} HTTP/1.1\r\nConnection: close\r\n\r\n");
+        let locked = "the lock's release";
+        let sha256 = hex(&Sha256::digest(locked));
+        let pin = |sha256: &str| {
+            proxy.pin(&[crate::lock::LockedRelease {
+                url: url.clone(),
+                sha256: sha256.to_owned(),
+                date: String::new(),
+            }])
+        };
+        // Unpinned, the mirror's.
+        assert!(exchange(proxy.clone(), &request).await.ends_with("today's release"));
+        // Pinned and cached: the lock's, although the mirror serves another.
+        std::fs::write(store.path().join(&sha256), locked).unwrap();
+        pin(&sha256);
+        assert!(exchange(proxy.clone(), &request).await.ends_with(locked));
+        // Pinned to one the cache lacks and the mirror no longer serves: refused.
+        pin(&"e".repeat(64));
+        let out = exchange(proxy.clone(), &request).await;
+        assert!(out.starts_with("HTTP/1.1 502 "), "{out}");
+        assert!(
+            proxy.failures().unwrap().contains("the lock says"),
+            "{:?}",
+            proxy.failures()
+        );
     }
 
     #[tokio::test]

@@ -48,6 +48,17 @@ pub struct Recipe {
 }
 
 impl Recipe {
+    /// What its outputs are named after: `NAME-ARCH`.
+    pub fn image_name(&self) -> String {
+        format!("{}-{}", self.name, self.arch)
+    }
+
+    /// Where the lock that pins its packages lives: beside it, named as its image.
+    pub fn lock_path(&self) -> PathBuf {
+        let dir = self.file.parent().unwrap_or(Path::new("."));
+        dir.join(format!("{}.lock", self.image_name()))
+    }
+
     /// Reads `path` for `arch` (else the recipe's own `arch`, else the host's), confined
     /// as [`trust`] says.
     pub fn load(path: &Path, arch: Option<Arch>) -> Result<Recipe, RecipeError> {

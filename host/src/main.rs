@@ -486,8 +486,11 @@ async fn lock(args: LockArgs) -> Result<u8> {
     let written = report.outputs.first().context("the build wrote no lock")?;
     // Into place in one rename, from beside it.
     let dir = dest.parent().unwrap_or(std::path::Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    let mut tmp = imgvm::leftovers::partial_file(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
     std::io::copy(&mut std::fs::File::open(written)?, tmp.as_file_mut())?;
+    // A file to commit beside the recipe, not a private temporary one.
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
     tmp.persist(&dest)?;
     println!("{}", dest.display());
     Ok(0)

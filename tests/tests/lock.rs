@@ -39,6 +39,9 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
         .collect();
     names.sort();
     assert_eq!(names, ["locked-amd64.lock", "locked.yaml"]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&lock_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o644, "a lock to commit, readable by all");
     let lock = json(&lock_file);
     let packages = lock["packages"].as_array().unwrap();
     assert!(packages.iter().any(|p| p["name"] == "dpkg"), "{lock}");

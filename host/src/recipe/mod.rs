@@ -55,7 +55,8 @@ impl Recipe {
 
     /// Where the lock that pins its packages lives: beside it, named as its image.
     pub fn lock_path(&self) -> PathBuf {
-        let dir = self.file.parent().unwrap_or(Path::new("."));
+        let dir = self.file.parent().filter(|d| !d.as_os_str().is_empty());
+        let dir = dir.unwrap_or(Path::new("."));
         dir.join(format!("{}.lock", self.image_name()))
     }
 

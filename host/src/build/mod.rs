@@ -184,9 +184,16 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
         Err(e) => {
             log.line(&format!("FAILED: {e:#}"));
             drop(log);
-            // The log of a failed build is worth keeping; nothing else is.
-            let kept = options.output.join(format!("{name}.build-failed.log"));
-            let _ = std::fs::rename(&log_path, &kept);
+            // The log of a failed build is worth keeping; nothing else is. `imgvm lock`
+            // builds in a scratch directory: its log goes where the lock would have.
+            let dir = match options.lock_only {
+                true => recipe.lock_path().parent().map_or_else(|| ".".into(), Path::to_owned),
+                false => options.output.clone(),
+            };
+            let kept = dir.join(format!("{name}.build-failed.log"));
+            if std::fs::rename(&log_path, &kept).is_err() {
+                let _ = std::fs::copy(&log_path, &kept);
+            }
             return Err(e.context(format!("building {name} failed (log: {})", kept.display())));
         }
     };

@@ -314,27 +314,14 @@ impl LockFile {
             .iter()
             .filter(|p| !store.join(&p.sha256).exists())
             .collect();
-        let queue = std::sync::Mutex::new(wanted.iter());
-        let gone = std::sync::Mutex::new(Vec::new());
-        let failed = std::sync::Mutex::new(None);
-        std::thread::scope(|scope| {
-            for _ in 0..8 {
-                scope.spawn(|| loop {
-                    let Some(package) = queue.lock().unwrap().next() else {
-                        break;
-                    };
-                    match fetcher.exists(&format!("{}/{}", package.archive, package.filename)) {
-                        Ok(true) => {}
-                        Ok(false) => gone.lock().unwrap().push(*package),
-                        Err(e) => *failed.lock().unwrap() = Some(format!("{e:#}")),
-                    }
-                });
-            }
-        });
-        if let Some(e) = failed.into_inner().unwrap() {
-            return Err(LockError::Mirror(e));
-        }
-        let mut gone = gone.into_inner().unwrap();
+        let present =
+            crate::archive::in_parallel(&wanted, 8, |p| fetcher.exists(&format!("{}/{}", p.archive, p.filename)))
+                .map_err(|e| LockError::Mirror(format!("{e:#}")))?;
+        let mut gone: Vec<&LockedPackage> = wanted
+            .iter()
+            .zip(present)
+            .filter_map(|(p, present)| (!present).then_some(*p))
+            .collect();
         if gone.is_empty() {
             return Ok(());
         }
@@ -410,91 +397,7 @@ pub(crate) mod tests {
         }
     }
 
-    pub fn lock(packages: &[(&str, &str)]) -> Lock {
-        let mut listed = Listed::default();
-        listed.add_release(release("Sat, 28 Nov 2026 12:30:05 UTC"));
-        let mut installed = Vec::new();
-        for (name, version) in packages {
-            listed.add_package(package(name, version));
-            installed.push(Package {
-                name: (*name).into(),
-                version: (*version).into(),
-                architecture: "amd64".into(),
-            });
-        }
-        let subject = Subject {
-            recipe: "test",
-            arch: "amd64".into(),
-            suite: "trixie",
-            mirror: "http://deb.debian.org/debian",
-        };
-        let helper = HelperLock {
-            release: release("Thu, 01 Jan 1970 00:00:00 UTC"),
-            packages: vec![package("busybox", "1")],
-        };
-        Lock::new(subject, &installed, &listed, helper)
-    }
-
-    #[test]
-    fn installed_packages_are_locked_from_what_the_signed_indices_list() {
-        let mut listed = Listed::default();
-        listed.add_package(package("bash", "5.2"));
-        // The guest says it has bash 5.2 (listed) and a bash-completion nobody listed.
-        let installed = [
-            Package {
-                name: "bash".into(),
-                version: "5.2".into(),
-                architecture: "amd64".into(),
-            },
-            Package {
-                name: "bash-completion".into(),
-                version: "9".into(),
-                architecture: "all".into(),
-            },
-        ];
-        let subject = Subject {
-            recipe: "r",
-            arch: "amd64".into(),
-            suite: "trixie",
-            mirror: "m",
-        };
-        let helper = HelperLock {
-            release: release("Sat, 28 Nov 2026 12:30:05 UTC"),
-            packages: vec![],
-        };
-        let lock = Lock::new(subject, &installed, &listed, helper);
-        assert_eq!(lock.packages, [package("bash", "5.2")]);
-        assert_eq!(lock.unlisted.len(), 1);
-        assert_eq!(lock.unlisted[0].name, "bash-completion");
-        // The only date known is the helper's release.
-        assert_eq!(lock.source_date_epoch, 1_795_869_005);
-    }
-
-    #[test]
-    fn a_version_the_index_does_not_list_is_not_locked() {
-        let mut listed = Listed::default();
-        listed.add_package(package("bash", "5.2"));
-        let installed = [Package {
-            name: "bash".into(),
-            version: "5.3".into(),
-            architecture: "amd64".into(),
-        }];
-        let subject = Subject {
-            recipe: "r",
-            arch: "amd64".into(),
-            suite: "trixie",
-            mirror: "m",
-        };
-        let helper = HelperLock {
-            release: release("x"),
-            packages: vec![],
-        };
-        let lock = Lock::new(subject, &installed, &listed, helper);
-        assert!(lock.packages.is_empty());
-        assert_eq!(lock.unlisted[0].version, "5.3");
-    }
-
-    fn subject() -> Subject<'static> {
+    pub fn subject() -> Subject<'static> {
         Subject {
             recipe: "test",
             arch: "amd64".into(),
@@ -508,6 +411,63 @@ pub(crate) mod tests {
             path: "test-amd64.lock".into(),
             lock,
         }
+    }
+
+    pub fn helper(date: &str) -> HelperLock {
+        HelperLock {
+            release: release(date),
+            packages: vec![],
+        }
+    }
+
+    pub fn installed(name: &str, version: &str, architecture: &str) -> Package {
+        Package {
+            name: name.into(),
+            version: version.into(),
+            architecture: architecture.into(),
+        }
+    }
+
+    pub fn lock(packages: &[(&str, &str)]) -> Lock {
+        let mut listed = Listed::default();
+        listed.add_release(release("Sat, 28 Nov 2026 12:30:05 UTC"));
+        let mut installed = Vec::new();
+        for (name, version) in packages {
+            listed.add_package(package(name, version));
+            installed.push(self::installed(name, version, "amd64"));
+        }
+        let helper = HelperLock {
+            packages: vec![package("busybox", "1")],
+            ..helper("Thu, 01 Jan 1970 00:00:00 UTC")
+        };
+        Lock::new(subject(), &installed, &listed, helper)
+    }
+
+    #[test]
+    fn installed_packages_are_locked_from_what_the_signed_indices_list() {
+        let mut listed = Listed::default();
+        listed.add_package(package("bash", "5.2"));
+        // The guest says it has bash 5.2 (listed) and a bash-completion nobody listed.
+        let installed = [
+            installed("bash", "5.2", "amd64"),
+            installed("bash-completion", "9", "all"),
+        ];
+        let lock = Lock::new(subject(), &installed, &listed, helper("Sat, 28 Nov 2026 12:30:05 UTC"));
+        assert_eq!(lock.packages, [package("bash", "5.2")]);
+        assert_eq!(lock.unlisted.len(), 1);
+        assert_eq!(lock.unlisted[0].name, "bash-completion");
+        // The only date known is the helper's release.
+        assert_eq!(lock.source_date_epoch, 1_795_869_005);
+    }
+
+    #[test]
+    fn a_version_the_index_does_not_list_is_not_locked() {
+        let mut listed = Listed::default();
+        listed.add_package(package("bash", "5.2"));
+        let installed = [installed("bash", "5.3", "amd64")];
+        let lock = Lock::new(subject(), &installed, &listed, helper("x"));
+        assert!(lock.packages.is_empty());
+        assert_eq!(lock.unlisted[0].version, "5.3");
     }
 
     #[test]

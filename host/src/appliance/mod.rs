@@ -282,34 +282,13 @@ fn kernel_image_package<'a>(index: &'a archive::PackageIndex, meta: &str) -> Res
 fn download_all(archive: &Archive, packages: &[&Package]) -> Result<BTreeMap<String, PathBuf>> {
     let total: u64 = packages.iter().map(|p| p.size).sum();
     let bar = progress::bytes_bar(total, "fetching packages");
-    let queue = std::sync::Mutex::new(packages.iter());
-    let results = std::sync::Mutex::new(BTreeMap::new());
-    let failure = std::sync::Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..4 {
-            s.spawn(|| loop {
-                let Some(package) = queue.lock().unwrap().next() else {
-                    return;
-                };
-                if failure.lock().unwrap().is_some() {
-                    return;
-                }
-                match archive.deb(package) {
-                    Ok(path) => {
-                        bar.inc(package.size);
-                        results.lock().unwrap().insert(package.name.clone(), path);
-                    }
-                    Err(e) => {
-                        failure.lock().unwrap().get_or_insert(e);
-                    }
-                }
-            });
-        }
+    let debs = archive::in_parallel(packages, 4, |package| {
+        let deb = archive.deb(package)?;
+        bar.inc(package.size);
+        anyhow::Ok((package.name.clone(), deb))
     });
     bar.finish_and_clear();
-    if let Some(e) = failure.into_inner().unwrap() {
-        return Err(e);
-    }
+    let debs = debs?;
     let stats = archive.fetcher().stats();
     tracing::info!(
         "{} packages ({} MB) needed, {} files ({} MB) downloaded",
@@ -318,7 +297,7 @@ fn download_all(archive: &Archive, packages: &[&Package]) -> Result<BTreeMap<Str
         stats.files(),
         stats.bytes() >> 20
     );
-    Ok(results.into_inner().unwrap())
+    Ok(debs.into_iter().collect())
 }
 
 fn unpack(deb: &Path, tree: &mut Tree, exclude: &[String]) -> Result<()> {

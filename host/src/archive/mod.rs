@@ -87,3 +87,61 @@ impl Archive {
         Ok(path)
     }
 }
+
+/// `work` on every item, `workers` at a time (the mirror's latency, not our bandwidth,
+/// bounds a sequence of small requests); the results in the items' order, or the first
+/// error, after which no further item is started.
+pub fn in_parallel<T: Sync, R: Send, E: Send>(
+    items: &[T],
+    workers: usize,
+    work: impl Fn(&T) -> Result<R, E> + Sync,
+) -> Result<Vec<R>, E> {
+    let queue = std::sync::Mutex::new(items.iter().enumerate());
+    let results = std::sync::Mutex::new(Vec::with_capacity(items.len()));
+    let failure = std::sync::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let Some((i, item)) = queue.lock().unwrap().next() else {
+                    return;
+                };
+                if failure.lock().unwrap().is_some() {
+                    return;
+                }
+                match work(item) {
+                    Ok(result) => results.lock().unwrap().push((i, result)),
+                    Err(e) => {
+                        failure.lock().unwrap().get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap() {
+        return Err(e);
+    }
+    let mut results = results.into_inner().unwrap();
+    results.sort_by_key(|(i, _)| *i);
+    Ok(results.into_iter().map(|(_, r)| r).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn in_parallel_keeps_the_order_and_stops_at_an_error() {
+        let items: Vec<u32> = (0..50).collect();
+        let doubled = super::in_parallel(&items, 4, |n| Ok::<_, ()>(n * 2)).unwrap();
+        assert_eq!(doubled, (0..50).map(|n| n * 2).collect::<Vec<_>>());
+        let started = std::sync::atomic::AtomicU32::new(0);
+        let failed = super::in_parallel(&items, 1, |n| {
+            started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if *n == 3 {
+                Err(*n)
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(failed, Err(3));
+        assert_eq!(started.into_inner(), 4, "nothing after the error was started");
+    }
+}

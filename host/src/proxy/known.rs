@@ -184,22 +184,9 @@ mod tests {
             })
         ); // And the lock learns where it came from.
         let listed = known.listed();
-        let installed = imgvm_protocol::Package {
-            name: "foo".into(),
-            version: "1".into(),
-            architecture: "amd64".into(),
-        };
-        let helper = crate::lock::HelperLock {
-            release: crate::lock::tests::release("x"),
-            packages: vec![],
-        };
-        let subject = crate::lock::Subject {
-            recipe: "r",
-            arch: "amd64".into(),
-            suite: "trixie",
-            mirror: "http://m/debian",
-        };
-        let lock = crate::lock::Lock::new(subject, &[installed], &listed, helper);
+        use crate::lock::{tests as lock, Lock};
+        let installed = lock::installed("foo", "1", "amd64");
+        let lock = Lock::new(lock::subject(), &[installed], &listed, lock::helper("x"));
         assert_eq!(lock.packages[0].archive, "http://m/debian");
         assert_eq!(lock.packages[0].filename, "pool/main/f/foo/foo_1_amd64.deb");
         assert_eq!(lock.packages[0].sha256, "abc");

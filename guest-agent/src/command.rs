@@ -158,6 +158,20 @@ pub fn run(job: &Job, program: &Program, input: Input, capture: bool) -> Result<
     Err(error)
 }
 
+/// The build's date, once the host has set it ([`imgvm_protocol::SourceDateEpoch`]).
+static SOURCE_DATE_EPOCH: Mutex<Option<i64>> = Mutex::new(None);
+
+/// From now on every program started gets `SOURCE_DATE_EPOCH=epoch`, and `TZ=UTC` so
+/// that tools that write local times (FAT's timestamps) write the same ones everywhere.
+pub fn set_source_date_epoch(epoch: i64) {
+    *SOURCE_DATE_EPOCH.lock().unwrap() = Some(epoch);
+}
+
+/// The build's date, if the host has set it.
+pub fn source_date_epoch() -> Option<i64> {
+    *SOURCE_DATE_EPOCH.lock().unwrap()
+}
+
 /// The one way the agent starts a program: in its own process group (so that
 /// cancellation reaches everything it started), with stdout and stderr piped.
 pub fn spawn(job: &Job, program: &Program, stdin: Stdio) -> Result<std::process::Child, OperationError> {
@@ -166,6 +180,11 @@ pub fn spawn(job: &Job, program: &Program, stdin: Stdio) -> Result<std::process:
     };
     let mut cmd = std::process::Command::new(name);
     cmd.args(args)
+        .envs(
+            source_date_epoch()
+                .into_iter()
+                .flat_map(|epoch| [("SOURCE_DATE_EPOCH", epoch.to_string()), ("TZ", "UTC".to_owned())]),
+        )
         .envs(program.env.iter().map(|(k, v)| (k, v)))
         .stdin(stdin)
         .stdout(Stdio::piped())

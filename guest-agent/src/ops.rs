@@ -160,7 +160,18 @@ fn send_stream(
 }
 
 fn download_tar(job: &Job, path: &str) -> Result<Outcome, OperationError> {
-    let tar = Program::new(&["tar", "-c", "--numeric-owner", "-f", "-", "-C", path, "."]);
+    let mut argv = vec!["tar".to_owned(), "-c".into(), "--numeric-owner".into()];
+    // In a build, the same tree gives the same archive: names in order, no time after
+    // the build's date.
+    if let Some(epoch) = command::source_date_epoch() {
+        argv.extend([
+            "--sort=name".into(),
+            format!("--mtime=@{epoch}"),
+            "--clamp-mtime".into(),
+        ]);
+    }
+    argv.extend(["-f", "-", "-C", path, "."].map(String::from));
+    let tar = Program::new(&argv);
     let mut child = command::spawn(job, &tar, Stdio::null())?;
     let pid = child.id() as i32;
     let stderr = child.stderr.take().map(|mut s| {

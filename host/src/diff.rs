@@ -3,8 +3,9 @@
 //! skips it when nothing did (0).
 //!
 //! Compared: the recipe's content hash, architecture, suite and mirror; the partition
-//! layout; every package (added, removed, version changed); and every output's checksum,
-//! which, with reproducible builds, is the same exactly when the image is.
+//! layout; every package (added, removed, version changed); every output's checksum,
+//! which, with reproducible builds, is the same exactly when the image is; and, with
+//! `--files`, the files of the two raw images as `inspect` lists them.
 
 use crate::manifest::Manifest;
 use imgvm_protocol::Package;
@@ -20,6 +21,58 @@ pub struct Diff {
     pub packages: Packages,
     /// Outputs, by format, whose checksum differs (or that one side lacks).
     pub outputs: Vec<Changed>,
+    /// With `--files`: the files of the two raw images that differ.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<Files>,
+}
+
+/// Files of one image that the other lacks, or whose content or metadata differ.
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct Files {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<FileChanged>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct FileChanged {
+    pub path: String,
+    /// What differs: `kind`, `content`, `size`, `mode`, `owner`, `mtime`, `target`,
+    /// `device`.
+    pub what: Vec<&'static str>,
+}
+
+impl Files {
+    pub fn between(old: &crate::inspect::Files, new: &crate::inspect::Files) -> Files {
+        let mut files = Files::default();
+        for (path, a) in old {
+            let Some(b) = new.get(path) else {
+                files.removed.push(path.clone());
+                continue;
+            };
+            let what: Vec<&'static str> = [
+                ("kind", a.kind != b.kind),
+                ("content", a.sha256 != b.sha256),
+                ("size", a.size != b.size),
+                ("mode", a.mode != b.mode),
+                ("owner", (a.uid, a.gid) != (b.uid, b.gid)),
+                ("mtime", a.mtime != b.mtime),
+                ("target", a.target != b.target),
+                ("device", a.rdev != b.rdev),
+            ]
+            .into_iter()
+            .filter_map(|(what, differs)| differs.then_some(what))
+            .collect();
+            if !what.is_empty() {
+                files.changed.push(FileChanged {
+                    path: path.clone(),
+                    what,
+                });
+            }
+        }
+        files.added = new.keys().filter(|p| !old.contains_key(*p)).cloned().collect();
+        files
+    }
 }
 
 #[derive(Debug, Default, Serialize, PartialEq)]
@@ -71,11 +124,16 @@ impl Diff {
             partitions,
             packages: packages(&old.packages, &new.packages),
             outputs,
+            files: None,
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        *self == Diff::default()
+        self.fields.is_empty()
+            && self.partitions.is_empty()
+            && self.packages == Packages::default()
+            && self.outputs.is_empty()
+            && self.files.as_ref().is_none_or(|f| *f == Files::default())
     }
 
     /// One line per difference, for people.
@@ -111,6 +169,17 @@ impl Diff {
         }
         for c in &self.outputs {
             out.push_str(&format!("output {}: {} -> {}\n", c.name, shown(&c.old), shown(&c.new)));
+        }
+        if let Some(files) = &self.files {
+            for path in &files.added {
+                out.push_str(&format!("+ file {path}\n"));
+            }
+            for path in &files.removed {
+                out.push_str(&format!("- file {path}\n"));
+            }
+            for c in &files.changed {
+                out.push_str(&format!("~ file {} ({})\n", c.path, c.what.join(", ")));
+            }
         }
         out
     }
@@ -187,6 +256,36 @@ mod tests {
             "tests": {"checks": [], "boots": []},
         });
         serde_json::from_value(json).unwrap()
+    }
+
+    fn file(path: &str, sha: &str, mode: u32) -> (String, imgvm_protocol::FileEntry) {
+        let entry = imgvm_protocol::FileEntry {
+            path: path.into(),
+            kind: 'f',
+            mode,
+            uid: 0,
+            gid: 0,
+            size: 3,
+            mtime: 1,
+            target: None,
+            rdev: 0,
+            sha256: Some(sha.into()),
+        };
+        (path.to_owned(), entry)
+    }
+
+    #[test]
+    fn files_added_removed_and_changed_are_named_with_what_changed() {
+        let old: crate::inspect::Files =
+            [file("/a", "1", 0o644), file("/b", "1", 0o644), file("/c", "1", 0o644)].into();
+        let new: crate::inspect::Files =
+            [file("/a", "1", 0o644), file("/b", "2", 0o600), file("/d", "1", 0o644)].into();
+        let mut diff = Diff::between(&manifest(&[]), &manifest(&[]));
+        diff.files = Some(Files::between(&old, &old));
+        assert!(diff.is_empty(), "{diff:?}");
+        diff.files = Some(Files::between(&old, &new));
+        assert!(!diff.is_empty());
+        assert_eq!(diff.text(), "+ file /d\n- file /c\n~ file /b (content, mode)\n");
     }
 
     #[test]

@@ -20,6 +20,8 @@ const CONSOLE_TAIL: usize = 30;
 pub struct HelperOptions {
     pub arch: Arch,
     pub disks: Vec<PathBuf>,
+    /// Attach the disks read-only.
+    pub read_only: bool,
     pub memory_mib: u32,
     pub cpus: Option<u32>,
     pub boot_timeout: Duration,
@@ -74,6 +76,7 @@ impl Helper {
             kernel: appliance.kernel(),
             initrd,
             disks: options.disks.clone(),
+            read_only: options.read_only,
             memory_mib: options.memory_mib,
             cpus: options.cpus.unwrap_or_else(default_cpus),
             accel: Accel::Tcg,

@@ -19,6 +19,7 @@ pub mod child;
 pub mod diff;
 pub mod doctor;
 pub mod helper;
+pub mod inspect;
 pub mod leftovers;
 pub mod lock;
 pub mod manifest;

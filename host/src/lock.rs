@@ -135,9 +135,15 @@ pub struct Subject<'a> {
 }
 
 impl Lock {
-    /// The lock of an image whose dpkg database lists `installed`, built from what
-    /// `listed` knows, in a helper VM of `helper`.
-    pub fn new(subject: Subject, installed: &[Package], listed: &Listed, helper: HelperLock) -> Lock {
+    /// The lock of an image whose dpkg database lists `installed`, built with
+    /// `source_date_epoch` from what `listed` knows, in a helper VM of `helper`.
+    pub fn new(
+        subject: Subject,
+        source_date_epoch: i64,
+        installed: &[Package],
+        listed: &Listed,
+        helper: HelperLock,
+    ) -> Lock {
         let mut packages = Vec::new();
         let mut unlisted = Vec::new();
         for package in installed {
@@ -150,12 +156,6 @@ impl Lock {
         unlisted.sort_by(|a, b| (&a.name, &a.architecture).cmp(&(&b.name, &b.architecture)));
         let mut releases = listed.releases.clone();
         releases.sort();
-        let source_date_epoch = releases
-            .iter()
-            .chain([&helper.release])
-            .filter_map(LockedRelease::seconds)
-            .max()
-            .unwrap_or(0);
         Lock {
             format: FORMAT,
             recipe: subject.recipe.to_owned(),
@@ -217,6 +217,8 @@ pub enum LockError {
     Gone { path: String, count: usize, names: String },
     #[error("cannot check the lock's packages on the mirror: {0}")]
     Mirror(String),
+    #[error("{0}")]
+    Epoch(String),
     #[error(
         "the build installed other packages than {path} names ({changes}): the recipe changed \
          since the lock was written; refresh it with `imgvm lock --update`"
@@ -368,6 +370,27 @@ impl LockFile {
 }
 
 /// Where a suite's signed release is, on `mirror`.
+/// The build's `SOURCE_DATE_EPOCH`, decided here only: `from_environment` (the
+/// reproducible-builds convention) when set, else the lock's (what the locked build
+/// used), else the date of the release the build installs from, so that the lock this
+/// build writes rebuilds the same image.
+pub fn source_date_epoch(
+    from_environment: Option<&str>,
+    lock: Option<&Lock>,
+    release: &LockedRelease,
+) -> Result<i64, LockError> {
+    match (from_environment, lock) {
+        (Some(text), _) => text
+            .trim()
+            .parse()
+            .map_err(|_| LockError::Epoch(format!("SOURCE_DATE_EPOCH={text:?} is not a number of seconds"))),
+        (None, Some(lock)) => Ok(lock.source_date_epoch),
+        (None, None) => release
+            .seconds()
+            .ok_or_else(|| LockError::Epoch(format!("{} has no readable Date: {:?}", release.url, release.date))),
+    }
+}
+
 pub fn release_url(mirror: &str, suite: &str) -> String {
     format!("{}/dists/{suite}/InRelease", mirror.trim_end_matches('/'))
 }
@@ -440,7 +463,7 @@ pub(crate) mod tests {
             packages: vec![package("busybox", "1")],
             ..helper("Thu, 01 Jan 1970 00:00:00 UTC")
         };
-        Lock::new(subject(), &installed, &listed, helper)
+        Lock::new(subject(), 1_795_869_005, &installed, &listed, helper)
     }
 
     #[test]
@@ -452,12 +475,37 @@ pub(crate) mod tests {
             installed("bash", "5.2", "amd64"),
             installed("bash-completion", "9", "all"),
         ];
-        let lock = Lock::new(subject(), &installed, &listed, helper("Sat, 28 Nov 2026 12:30:05 UTC"));
+        let lock = Lock::new(
+            subject(),
+            7,
+            &installed,
+            &listed,
+            helper("Sat, 28 Nov 2026 12:30:05 UTC"),
+        );
         assert_eq!(lock.packages, [package("bash", "5.2")]);
         assert_eq!(lock.unlisted.len(), 1);
         assert_eq!(lock.unlisted[0].name, "bash-completion");
-        // The only date known is the helper's release.
-        assert_eq!(lock.source_date_epoch, 1_795_869_005);
+        assert_eq!(lock.source_date_epoch, 7, "the epoch the build used");
+    }
+
+    #[test]
+    fn the_epoch_is_the_environments_else_the_locks_else_the_releases() {
+        let release = release("Sat, 28 Nov 2026 12:30:05 UTC");
+        let lock = Lock {
+            source_date_epoch: 42,
+            ..lock(&[])
+        };
+        assert_eq!(
+            source_date_epoch(Some("1700000000"), Some(&lock), &release).unwrap(),
+            1_700_000_000
+        );
+        assert_eq!(source_date_epoch(None, Some(&lock), &release).unwrap(), 42);
+        assert_eq!(source_date_epoch(None, None, &release).unwrap(), 1_795_869_005);
+        let bad = source_date_epoch(Some("yesterday"), None, &release).unwrap_err();
+        assert_eq!(
+            bad.to_string(),
+            "SOURCE_DATE_EPOCH=\"yesterday\" is not a number of seconds"
+        );
     }
 
     #[test]
@@ -465,7 +513,7 @@ pub(crate) mod tests {
         let mut listed = Listed::default();
         listed.add_package(package("bash", "5.2"));
         let installed = [installed("bash", "5.3", "amd64")];
-        let lock = Lock::new(subject(), &installed, &listed, helper("x"));
+        let lock = Lock::new(subject(), 0, &installed, &listed, helper("x"));
         assert!(lock.packages.is_empty());
         assert_eq!(lock.unlisted[0].version, "5.3");
     }

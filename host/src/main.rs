@@ -64,6 +64,10 @@ struct DiffArgs {
     /// Print the differences as JSON.
     #[arg(long)]
     json: bool,
+    /// Also compare the files of the two raw images (content, kind, mode, owner, mtime,
+    /// link target), listed in a helper VM that has both attached read-only.
+    #[arg(long)]
+    files: bool,
 }
 
 #[derive(Subcommand)]
@@ -269,12 +273,24 @@ fn report(e: &anyhow::Error) {
 }
 
 /// `diff`'s exit status: 1 says "they differ", so trouble is 2, as for diff(1).
-fn diff(args: DiffArgs) -> u8 {
-    let compared = (|| {
-        let (_, old) = imgvm::manifest::Manifest::find(&args.old)?;
-        let (_, new) = imgvm::manifest::Manifest::find(&args.new)?;
-        anyhow::Ok(imgvm::diff::Diff::between(&old, &new))
-    })();
+async fn diff(args: DiffArgs) -> u8 {
+    let compared = async {
+        let (old_path, old) = imgvm::manifest::Manifest::find(&args.old)?;
+        let (new_path, new) = imgvm::manifest::Manifest::find(&args.new)?;
+        let mut diff = imgvm::diff::Diff::between(&old, &new);
+        if args.files {
+            let old = imgvm::inspect::Image::beside(&old_path, old)?;
+            let new = imgvm::inspect::Image::beside(&new_path, new)?;
+            let listed =
+                interruptible(|cancel| async move { imgvm::inspect::files([&old, &new], &cancel).await }).await?;
+            let Some([old, new]) = listed else {
+                anyhow::bail!("cancelled");
+            };
+            diff.files = Some(imgvm::diff::Files::between(&old, &new));
+        }
+        anyhow::Ok(diff)
+    }
+    .await;
     match compared {
         Ok(diff) => {
             if args.json {
@@ -297,7 +313,7 @@ async fn dispatch(command: Cmd) -> Result<u8> {
         Cmd::Run(args) => run(args).await,
         Cmd::Build(args) => build(args).await,
         Cmd::Test(args) => test(args).await,
-        Cmd::Diff(args) => Ok(diff(args)),
+        Cmd::Diff(args) => Ok(diff(args).await),
         Cmd::Lock(args) => lock(args).await,
         Cmd::Recipe(RecipeCmd::Check {
             recipe,
@@ -402,15 +418,6 @@ async fn build(args: BuildArgs) -> Result<u8> {
         }
     };
     let recipe = imgvm::recipe::Recipe::load_with(&path, args.arch, trust(args.trust_recipe))?;
-    if args.dry_run {
-        let plan = imgvm::plan::plan(&recipe, args.test);
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&plan)?);
-        } else {
-            print!("{}", plan.text());
-        }
-        return Ok(0);
-    }
     let beside = recipe.lock_path();
     let lock = match args.lock {
         Some(path) => Some(path),
@@ -423,6 +430,15 @@ async fn build(args: BuildArgs) -> Result<u8> {
         test: args.test,
         ..build_options(recipe, args.output, args.helper)
     };
+    if args.dry_run {
+        let plan = imgvm::build::plan(&options).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            print!("{}", plan.text());
+        }
+        return Ok(0);
+    }
     let Some(report) = interruptible(|cancel| imgvm::build::build(options, cancel)).await? else {
         return Ok(130);
     };
@@ -558,6 +574,7 @@ fn helper_options(vm: VmArgs, disks: Vec<PathBuf>, memory_mib: u32, cpus: Option
     HelperOptions {
         arch: vm.arch,
         disks,
+        read_only: false,
         memory_mib,
         cpus,
         boot_timeout: Duration::from_secs(timeout),

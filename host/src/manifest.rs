@@ -2,7 +2,7 @@
 //! it; `diff` reads two of them back. One type for both, so that they cannot drift.
 
 use crate::build::{TestReport, Timing};
-use crate::recipe::{OutputFormat, Partition};
+use crate::recipe::{OutputFormat, Partition, TableKind};
 use imgvm_protocol::Package;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -15,9 +15,16 @@ pub struct Manifest {
     pub arch: String,
     pub suite: String,
     pub mirror: String,
-    /// Seconds since the Unix epoch.
+    /// The build's `SOURCE_DATE_EPOCH` (seconds since the Unix epoch): the date of what
+    /// is in the image, the same for every rebuild from one lock.
     pub built_at: u64,
+    /// How long this build took, and each step (`steps`): a record of this run, the
+    /// only part of a build's outputs that differs between two builds from one lock
+    /// (`imgvm diff` leaves it out).
     pub build_seconds: f64,
+    /// The partition table (absent in manifests of imgvm before it was recorded).
+    #[serde(default)]
+    pub table: Option<TableKind>,
     pub partitions: Vec<Partition>,
     pub outputs: Vec<OutputInfo>,
     pub steps: Vec<Timing>,

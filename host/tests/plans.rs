@@ -7,6 +7,14 @@
 use imgvm::recipe::Recipe;
 use std::path::{Path, PathBuf};
 
+/// As `imgvm build --test` plans, built with `SOURCE_DATE_EPOCH=1764547200` (also in
+/// tests/tests/build.rs, whose dry run must print these plans).
+const SETTINGS: imgvm::plan::Settings = imgvm::plan::Settings {
+    test: true,
+    epoch: 1_764_547_200,
+    image: true,
+};
+
 fn images() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../images")
 }
@@ -40,7 +48,7 @@ fn plans_match_the_golden_files() {
             let Ok(recipe) = Recipe::load(&path, Some(arch)) else {
                 continue;
             };
-            let plan = imgvm::plan::plan(&recipe, true);
+            let plan = imgvm::plan::plan(&recipe, &SETTINGS);
             let json = serde_json::to_string_pretty(&plan).unwrap() + "\n";
             let file = format!("{stem}-{arch}.json");
             let golden = golden_dir().join(&file);

@@ -432,7 +432,12 @@ fn steps_get_the_recipe_timeout_unless_a_run_step_sets_its_own() {
     let recipe =
         format!("{BASE}step_timeout: 2h\nsteps:\n  - run: {{script: 'sleep 1', timeout: 90s}}\n  - hostname: h\n");
     let (_dir, recipe) = load(&[("r.yaml", &recipe)], Arch::Amd64);
-    let plan = imgvm::plan::plan(&recipe.unwrap(), false);
+    let settings = imgvm::plan::Settings {
+        test: false,
+        epoch: 0,
+        image: true,
+    };
+    let plan = imgvm::plan::plan(&recipe.unwrap(), &settings);
     let timeouts: Vec<(String, String)> = plan
         .phases
         .iter()

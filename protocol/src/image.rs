@@ -40,6 +40,9 @@ image_operations! {
     20 RunChecks "run-checks" -> Vec<CheckResult>, |op| format!("{} offline checks", op.0.len());
     21 Unmount "unmount" -> (), |_op| "unmount the image".into();
     22 Debconf "debconf" -> (), |op| format!("{} debconf answers", op.0.len());
+    23 SourceDateEpoch "source-date-epoch" -> (), |op| format!("SOURCE_DATE_EPOCH={}", op.0);
+    24 Seal "seal" -> (), |op| format!("seal {} into {} ({} filesystems from their trees)", op.from, op.to, op.filesystems.len());
+    25 ListFiles "list-files" -> Vec<FileEntry>, |op| format!("list the files of {}", op.device);
 }
 
 /// Writes a partition table on `disk` (or wipes its signatures when `table` is `None`)
@@ -50,6 +53,9 @@ pub struct Partition {
     pub disk: String,
     pub table: Option<Table>,
     pub partitions: Vec<PartitionSpec>,
+    /// The GPT disk GUID (MBR: the disk identifier, `0x` and 8 hex digits); `None`
+    /// lets sfdisk pick one at random.
+    pub label_id: Option<String>,
 }
 
 /// Mounts `device` at `path` in the image (`/` first).
@@ -224,6 +230,8 @@ pub enum Table {
 #[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct PartitionSpec {
     pub number: u32,
+    /// The GPT partition GUID (PARTUUID); `None` lets sfdisk pick one at random.
+    pub uuid: Option<String>,
     /// `None` takes the rest of the disk.
     pub size_bytes: Option<u64>,
     /// A GPT type GUID or an MBR type byte in hex.
@@ -267,8 +275,77 @@ pub struct Mkfs {
     /// A filesystem UUID (for vfat a volume id such as `ABCD-1234`), for reproducible
     /// fstab entries.
     pub uuid: Option<String>,
+    /// ext4's directory hash seed (a UUID): with the UUID, what makes two ext4
+    /// filesystems of the same tree the same bytes.
+    pub hash_seed: Option<String>,
     /// Extra arguments for the mkfs program (feature options).
     pub options: Vec<String>,
+}
+
+/// Sets `SOURCE_DATE_EPOCH` (and `TZ=UTC`) for every program the agent starts from now
+/// on: mmdebstrap, dpkg's maintainer scripts (shadow's password dates, the initramfs),
+/// mke2fs and mtools then stamp the build's date instead of the day it ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct SourceDateEpoch(pub i64);
+
+/// Writes the finished image onto a second, empty disk so that the same tree always
+/// becomes the same bytes: every filesystem in `filesystems` is made anew on `to`,
+/// populated from its tree as mounted below [`TARGET`] (in name order, times clamped to
+/// `SOURCE_DATE_EPOCH`), and everything else of `from` (partition tables, boot code,
+/// partitions without such a filesystem) is copied as it is. A filesystem written by
+/// the kernel holds the times and the allocation order of the build; one made by
+/// `mke2fs -d` or `mkfs.vfat --invariant` and mtools holds neither.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Seal {
+    pub from: String,
+    pub to: String,
+    pub filesystems: Vec<SealedFilesystem>,
+}
+
+/// Mounts `device` (a filesystem of a finished image) read-only and lists everything in
+/// it, in path order, for `imgvm diff --files`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct ListFiles {
+    pub device: String,
+    pub filesystem: Filesystem,
+}
+
+/// One file of a filesystem, as `imgvm diff` compares it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct FileEntry {
+    /// From the filesystem's root, starting with `/` (not valid UTF-8: lossily).
+    pub path: String,
+    /// `f` file, `d` directory, `l` symlink, `c`/`b` device, `p` fifo, `s` socket.
+    pub kind: char,
+    /// Permission bits, with setuid, setgid and sticky.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// Seconds since the Unix epoch.
+    pub mtime: i64,
+    /// A symlink's target.
+    pub target: Option<String>,
+    /// A device's number.
+    pub rdev: u64,
+    /// A regular file's content.
+    pub sha256: Option<String>,
+}
+
+/// One filesystem of the sealed disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct SealedFilesystem {
+    /// Its partition number on both disks; `None` when it is the whole disk.
+    pub partition: Option<u32>,
+    /// Where its tree is mounted, below [`TARGET`].
+    pub mount: String,
+    /// How it is made on `to` (ext4 or vfat).
+    pub mkfs: Mkfs,
 }
 
 /// mmdebstrap into the (empty) mounted root, through the guest's package proxy.

@@ -33,9 +33,11 @@ fn operations() -> Vec<ImageOp> {
                 number: 1,
                 size_bytes: None,
                 type_code: s("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+                uuid: Some(s("6b2c3f0e-8d41-8a7e-9c55-0d1e2f3a4b5c")),
                 name: s("root"),
                 bootable: false,
             }],
+            label_id: Some(s("0f1e2d3c-4b5a-8978-8695-a4b3c2d1e0f9")),
         }
         .into(),
         Mkfs {
@@ -43,6 +45,7 @@ fn operations() -> Vec<ImageOp> {
             filesystem: Filesystem::Ext4,
             label: Some(s("root")),
             uuid: None,
+            hash_seed: None,
             options: vec![s("-O"), s("^metadata_csum_seed")],
         }
         .into(),
@@ -165,6 +168,29 @@ fn operations() -> Vec<ImageOp> {
         )
         .unwrap()])
         .into(),
+        SourceDateEpoch(1_764_000_000).into(),
+        Seal {
+            from: s("/dev/vda"),
+            to: s("/dev/vdb"),
+            filesystems: vec![SealedFilesystem {
+                partition: Some(15),
+                mount: s("/boot/efi"),
+                mkfs: Mkfs {
+                    device: s("/dev/vdb15"),
+                    filesystem: Filesystem::Vfat,
+                    label: None,
+                    uuid: Some(s("1A2B-3C4D")),
+                    hash_seed: None,
+                    options: Vec::new(),
+                },
+            }],
+        }
+        .into(),
+        ListFiles {
+            device: s("/dev/vda1"),
+            filesystem: Filesystem::Ext4,
+        }
+        .into(),
     ]
 }
 
@@ -203,6 +229,20 @@ fn replies() -> Vec<ImageReply> {
             }]),
             21 => ImageReply::Unmount(()),
             22 => ImageReply::Debconf(()),
+            23 => ImageReply::SourceDateEpoch(()),
+            24 => ImageReply::Seal(()),
+            25 => ImageReply::ListFiles(vec![FileEntry {
+                path: s("/etc/hostname"),
+                kind: 'f',
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                size: 10,
+                mtime: 1_764_000_000,
+                target: None,
+                rdev: 0,
+                sha256: Some(s("ab").repeat(32)),
+            }]),
             _ => panic!("tag {tag} has no golden reply: add one"),
         });
     }

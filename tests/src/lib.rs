@@ -109,6 +109,8 @@ where
         .env_remove("IMGVM_CACHE_DIR")
         .env_remove("XDG_CACHE_HOME")
         .env_remove("IMGVM_AGENT_DIR")
+        // A test that wants a build date sets it.
+        .env_remove("SOURCE_DATE_EPOCH")
         .env(
             "PATH",
             format!("/usr/local/bin:{}", std::env::var("PATH").unwrap_or_default()),

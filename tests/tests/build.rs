@@ -342,7 +342,12 @@ fn dry_run_prints_the_plan_and_builds_nothing() {
         plan, golden,
         "the golden plan has the offline checks (--test), this one not"
     );
-    let text = run_ok(imgvm(["build", "--dry-run", "--test", "--json", "--arch", "arm64"]).arg(&recipe));
+    // The golden plans' SOURCE_DATE_EPOCH (host/tests/plans.rs).
+    let text = run_ok(
+        imgvm(["build", "--dry-run", "--test", "--json", "--arch", "arm64"])
+            .env("SOURCE_DATE_EPOCH", "1764547200")
+            .arg(&recipe),
+    );
     assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), golden);
     assert!(!out.exists(), "a dry run wrote {}", out.display());
 }

@@ -1,21 +1,27 @@
 //! Locks: `imgvm lock` pins what a recipe installs, a build beside the lock installs
-//! exactly that, and a lock naming a package the mirror no longer has fails the build
-//! before any VM starts, naming the package.
+//! exactly that, a lock naming a package the mirror no longer has fails the build
+//! before any VM starts, naming the package, and two builds from one lock are the same
+//! image, byte for byte.
 
 use imgvm_e2e::{give_to_user, imgvm, run_ok, workdir};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// The smallest recipe that bootstraps: mmdebstrap's `essential` variant.
+/// The smallest recipe that bootstraps (mmdebstrap's `essential` variant), on Debian's
+/// amd64 layout: a GPT with BIOS boot, an ESP with a file in a directory, and root.
 const RECIPE: &str = "name: locked
 suite: trixie
 disk:
   size: 1GiB
-  table: none
+  table: gpt
   partitions:
-    - {name: root, type: root, filesystem: ext4, mount: /}
+    - {name: bios, type: bios-boot, number: 14, size: 1MiB}
+    - {name: esp, type: esp, number: 15, size: 32MiB, filesystem: vfat, mount: /boot/efi}
+    - {name: root, type: root, number: 1, filesystem: ext4, mount: /}
 steps:
   - bootstrap: {variant: essential}
-outputs: [raw]
+  - run: {script: 'mkdir -p /boot/efi/EFI/imgvm && echo hello > /boot/efi/EFI/imgvm/hello.txt'}
+outputs: [raw, qcow2, rootfs]
 ";
 
 fn json(path: &std::path::Path) -> serde_json::Value {
@@ -95,4 +101,91 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
     let written = json(&out.join("locked-amd64.lock"));
     assert_eq!(written["packages"], lock["packages"]);
     assert_eq!(written["releases"], lock["releases"]);
+    assert_eq!(written["source_date_epoch"], lock["source_date_epoch"]);
+
+    // Built again from the same lock, on fresh disks: the same bytes, and `imgvm diff`
+    // finds nothing.
+    let again = dir.join("out-again");
+    run_ok(imgvm(["build", "--arch", "amd64", "-o"]).arg(&again).arg(&recipe));
+    let sums = |dir: &std::path::Path| -> Vec<String> {
+        let text = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+        // The manifest records the run (its times): everything else is the same.
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.ends_with(".manifest.json"))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    };
+    // raw, qcow2, rootfs.tar, the lock and the SBOM.
+    assert_eq!(sums(&out).len(), 5, "{:?}", sums(&out));
+    assert_eq!(sums(&out), sums(&again), "two builds from one lock differ");
+    run_ok(
+        Command::new("sha256sum")
+            .args(["--check", "--quiet", "SHA256SUMS"])
+            .current_dir(&again),
+    );
+    let diff = imgvm(["diff"]).arg(&out).arg(&again).output().unwrap();
+    assert_eq!(diff.status.code(), Some(0), "{diff:?}");
+
+    // The image is whole, as tools outside imgvm read it: the GPT with its partitions,
+    // a clean ext4, and the FAT with the file.
+    let raw = again.join("locked-amd64.raw");
+    let table: serde_json::Value =
+        serde_json::from_str(&run_ok(Command::new("sfdisk").arg("--json").arg(&raw))).unwrap();
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 3, "{table}");
+    let start = |name: &str| {
+        let part = parts
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name}: {table}"));
+        part["start"].as_u64().unwrap() * 512
+    };
+    run_ok(
+        Command::new("e2fsck")
+            .arg("-fn")
+            .arg(format!("{}?offset={}", raw.display(), start("root"))),
+    );
+    let esp = dir.join("esp.img");
+    run_ok(
+        Command::new("dd")
+            .arg(format!("if={}", raw.display()))
+            .arg(format!("of={}", esp.display()))
+            .args(["bs=512", "count=65536", "status=none"])
+            .arg(format!("skip={}", start("esp") / 512)),
+    );
+    let fsck = Command::new("fsck.vfat").args(["-n", "-l"]).arg(&esp).output().unwrap();
+    assert!(fsck.status.success(), "{fsck:?}");
+    assert!(
+        String::from_utf8_lossy(&fsck.stdout).contains("/EFI/IMGVM/HELLO.TXT"),
+        "{fsck:?}"
+    );
+
+    // File by file, the two images are the same; one whose file was changed after the
+    // build (its mode, with debugfs) is named, and `diff` exits 1.
+    let same = imgvm(["diff", "--files"]).arg(&out).arg(&again).output().unwrap();
+    assert_eq!(same.status.code(), Some(0), "{same:?}");
+    let changed = dir.join("out-changed");
+    run_ok(
+        Command::new("cp")
+            .args(["-r", "--sparse=always"])
+            .arg(&again)
+            .arg(&changed),
+    );
+    give_to_user(&changed);
+    let copy = changed.join("locked-amd64.raw");
+    run_ok(
+        Command::new("debugfs")
+            .args(["-w", "-R", "sif /etc/hostname mode 0100600"])
+            .arg(format!("{}?offset={}", copy.display(), start("root"))),
+    );
+    give_to_user(&copy);
+    let differs = imgvm(["diff", "--files"]).arg(&out).arg(&changed).output().unwrap();
+    assert_eq!(differs.status.code(), Some(1), "{differs:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&differs.stdout),
+        "~ file /etc/hostname (mode)\n"
+    );
 }

@@ -5,6 +5,10 @@
 //! next to the same kernel booting an initramfs that holds nothing but the agent and its
 //! modules, measured the same way (launch to handshake over vsock). The difference is
 //! what the appliance's userland costs at boot.
+//!
+//! `cargo xtask bench reproducible RECIPE [ARCH]`: the recipe built twice from one lock
+//! (the first build's), each from empty disks; the time of each and the SHA256 of every
+//! output, and `imgvm diff --files` of the two when they differ.
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
@@ -14,7 +18,8 @@ pub fn run(args: &[&str]) -> Result<()> {
         Some(&"boot") => boot(&args[1..]),
         Some(&"build") => build(),
         Some(&"peak-memory") => peak_memory(&args[1..]),
-        _ => bail!("usage: cargo xtask bench build | boot [ARCH[=SUITE]...]"),
+        Some(&"reproducible") => reproducible(&args[1..]),
+        _ => bail!("usage: cargo xtask bench build | boot [ARCH[=SUITE]...] | reproducible RECIPE [ARCH]"),
     }
 }
 
@@ -50,6 +55,68 @@ fn build() -> Result<()> {
     }
     println!("{:>9.1}  total", manifest["build_seconds"].as_f64().unwrap_or(f64::NAN));
     Ok(())
+}
+
+fn reproducible(args: &[&str]) -> Result<()> {
+    let (recipe, arch) = match args {
+        [recipe] => (*recipe, std::env::consts::ARCH),
+        [recipe, arch] => (*recipe, *arch),
+        _ => bail!("usage: cargo xtask bench reproducible RECIPE [ARCH]"),
+    };
+    let arch = match arch {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    crate::exec(crate::cargo().args(["build", "--quiet", "--release", "--package", "imgvm"]))?;
+    let bin = crate::agents("release")?.join("imgvm");
+    let base = std::env::temp_dir().join(format!("imgvm-bench-reproducible-{}", std::process::id()));
+    let dirs = [base.join("first"), base.join("second")];
+    let mut sums = Vec::new();
+    for (i, out) in dirs.iter().enumerate() {
+        let started = std::time::Instant::now();
+        let mut build = Command::new(&bin);
+        build.args(["build", "--arch", arch, "-o"]).arg(out).arg(recipe);
+        match i {
+            // The first ignores a lock beside the recipe; the second follows the first's.
+            0 => build.arg("--no-lock"),
+            _ => build.arg("--lock").arg(lock_in(&dirs[0])?),
+        };
+        let status = build.status().context("running imgvm")?;
+        if !status.success() {
+            bail!("build {} failed ({status})", i + 1);
+        }
+        println!("build {}: {:.0} s", i + 1, started.elapsed().as_secs_f64());
+        let text = std::fs::read_to_string(out.join("SHA256SUMS"))?;
+        sums.push(
+            text.lines()
+                .filter(|l| !l.ends_with(".manifest.json"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        );
+    }
+    for line in &sums[1] {
+        let same = if sums[0].contains(line) { "same" } else { "DIFFERS" };
+        println!("{same:>8}  {line}");
+    }
+    let identical = sums[0] == sums[1];
+    if !identical {
+        let status = Command::new(&bin).args(["diff", "--files"]).args(&dirs).status()?;
+        println!("imgvm diff --files: {status}");
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    if !identical {
+        bail!("the two builds differ");
+    }
+    Ok(())
+}
+
+fn lock_in(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "lock"))
+        .with_context(|| format!("no lock in {}", dir.display()))
 }
 
 /// Runs a command, then prints the peak resident memory of the largest process among it

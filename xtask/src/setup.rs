@@ -19,6 +19,7 @@ const PACKAGES: &[&str] = &[
     "gpgv",
     "fdisk",
     "e2fsprogs",
+    "dosfstools",
     "util-linux",
     "gcc-powerpc64le-linux-gnu",
     "libc6-dev-ppc64el-cross",

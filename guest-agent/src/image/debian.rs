@@ -1,7 +1,7 @@
 //! Debian itself: bootstrapping the tree, apt, and making the tree ready for chroot work
 //! and, at the end, fresh for its first boot.
 
-use super::{chroot, empty_dir, remove, run, target, write};
+use super::{chroot, empty_dir, remove, remove_full, run, target, write};
 use crate::command::{self, Input, Program};
 use crate::job::Job;
 use imgvm_protocol::{
@@ -179,14 +179,22 @@ impl Handle<Clean> for Job<'_> {
         ] {
             remove(job, path)?;
         }
+        // Logs hold the build's times; ldconfig's aux cache the build's inode numbers
+        // and ctimes. Neither belongs in an image that is to be the same every time.
         for log in [
             "/var/log/apt",
             "/var/log/dpkg.log",
             "/var/log/alternatives.log",
             "/var/log/bootstrap.log",
+            "/var/cache/ldconfig/aux-cache",
         ] {
             remove(job, log)?;
         }
+        // Python's compiled modules, written by py3compile while packages installed:
+        // not Debian's files (dpkg does not list them), and not byte-for-byte the same
+        // from one compilation to the next. Python writes them again when it first
+        // imports a module.
+        remove_named(job, &target(job, "/usr")?, "__pycache__")?;
         // What `apt-get clean` removes and the directories it leaves, as Debian's images
         // have it; without apt, so that images bootstrapped without it finish too.
         for dir in ["/var/cache/apt", "/var/lib/apt/lists", "/tmp", "/var/tmp"] {
@@ -211,6 +219,28 @@ impl Handle<Clean> for Job<'_> {
         }
         Ok(())
     }
+}
+
+/// Removes every directory called `name` below `dir` (symlinks are not followed).
+fn remove_named(job: &Job, dir: &str, name: &str) -> Result<(), OperationError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(job.io_error(&e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| job.io_error(&e))?;
+        if !entry.file_type().map_err(|e| job.io_error(&e))?.is_dir() {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_name() == name {
+            remove_full(job, &path)?;
+        } else {
+            remove_named(job, &path.to_string_lossy(), name)?;
+        }
+    }
+    Ok(())
 }
 
 impl Handle<ListPackages> for Job<'_> {
@@ -301,6 +331,21 @@ mod tests {
             "deb https://deb.debian.org/debian trixie main contrib\n\
              deb https://deb.debian.org/debian trixie-updates main contrib\n"
         );
+    }
+
+    #[test]
+    fn compiled_python_goes_and_the_sources_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = dir.path().join("usr/lib/python3/dist-packages/netplan");
+        std::fs::create_dir_all(pkg.join("__pycache__")).unwrap();
+        std::fs::write(pkg.join("__pycache__/cli.cpython-313.pyc"), b"x").unwrap();
+        std::fs::write(pkg.join("cli.py"), b"x").unwrap();
+        with_test_job(dir.path(), |job| {
+            remove_named(job, &dir.path().join("usr").to_string_lossy(), "__pycache__")
+        })
+        .unwrap();
+        assert!(!pkg.join("__pycache__").exists());
+        assert!(pkg.join("cli.py").exists());
     }
 
     #[test]

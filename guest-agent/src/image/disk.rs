@@ -16,6 +16,7 @@ impl Handle<Partition> for Job<'_> {
             disk,
             table,
             partitions: parts,
+            label_id,
         } = &op;
         let Some(table) = table else {
             return run(job, &Program::new(&["wipefs", "--all", "--quiet", disk]));
@@ -23,13 +24,20 @@ impl Handle<Partition> for Job<'_> {
         let gpt = *table == Table::Gpt;
         // Partitions are written in list order, so the last one (root) is physically last
         // whatever its number.
-        let mut script = format!("label: {}\nunit: sectors\n\n", if gpt { "gpt" } else { "dos" });
+        let mut script = format!("label: {}\nunit: sectors\n", if gpt { "gpt" } else { "dos" });
+        if let Some(id) = label_id {
+            script.push_str(&format!("label-id: {id}\n"));
+        }
+        script.push('\n');
         for part in parts {
             let mut fields = Vec::new();
             if let Some(size) = part.size_bytes {
                 fields.push(format!("size={}", size / 512));
             }
             fields.push(format!("type={}", part.type_code));
+            if let (true, Some(uuid)) = (gpt, &part.uuid) {
+                fields.push(format!("uuid={uuid}"));
+            }
             if gpt {
                 fields.push(format!("name=\"{}\"", part.name.replace('"', "")));
             } else if part.bootable {
@@ -47,22 +55,32 @@ impl Handle<Partition> for Job<'_> {
             disk,
         ]);
         command::run(job, &sfdisk, Input::Bytes(script.into_bytes()), false)?;
-        let deadline = Instant::now() + DEVICE_PATIENCE;
-        for part in parts {
-            let dev = device(disk, part.number);
-            while !std::path::Path::new(&dev).exists() {
-                if Instant::now() > deadline {
-                    return Err(job.error(ErrorKind::Io, format!("{dev} did not appear after partitioning")));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Ok(())
+        wait_for_partitions(job, disk, parts.iter().map(|p| p.number))
     }
 }
 
+/// Waits (at most [`DEVICE_PATIENCE`]) for the kernel to create the device nodes of a
+/// new partition table's partitions.
+pub(super) fn wait_for_partitions(
+    job: &Job,
+    disk: &str,
+    numbers: impl Iterator<Item = u32>,
+) -> Result<(), OperationError> {
+    let deadline = Instant::now() + DEVICE_PATIENCE;
+    for number in numbers {
+        let dev = device(disk, number);
+        while !std::path::Path::new(&dev).exists() {
+            if Instant::now() > deadline {
+                return Err(job.error(ErrorKind::Io, format!("{dev} did not appear after partitioning")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
 /// The kernel's name for partition `number` of `disk` (`/dev/vda` → `/dev/vda1`).
-fn device(disk: &str, number: u32) -> String {
+pub(super) fn device(disk: &str, number: u32) -> String {
     if disk.ends_with(|c: char| c.is_ascii_digit()) {
         format!("{disk}p{number}")
     } else {
@@ -72,29 +90,50 @@ fn device(disk: &str, number: u32) -> String {
 
 impl Handle<Mkfs> for Job<'_> {
     fn handle(&self, op: Mkfs) -> Result<(), OperationError> {
-        let job = self;
-        let m = &op;
-        let mut argv: Vec<String> = match m.filesystem {
-            Filesystem::Ext4 => vec!["mkfs.ext4".into(), "-q".into()],
-            Filesystem::Xfs => vec!["mkfs.xfs".into(), "-q".into(), "-f".into()],
-            Filesystem::Btrfs => vec!["mkfs.btrfs".into(), "-q".into(), "-f".into()],
-            Filesystem::Vfat => vec!["mkfs.vfat".into()],
-            Filesystem::Swap => vec!["mkswap".into(), "-q".into()],
-        };
-        if let Some(label) = &m.label {
-            argv.push(if m.filesystem == Filesystem::Vfat { "-n" } else { "-L" }.into());
-            argv.push(label.clone());
+        run(self, &mkfs(&op, None))
+    }
+}
+
+/// The mkfs program for `m`; with `tree`, mke2fs populates the new ext4 from it.
+pub(super) fn mkfs(m: &Mkfs, tree: Option<&str>) -> Program {
+    let mut argv: Vec<String> = match m.filesystem {
+        Filesystem::Ext4 => vec!["mkfs.ext4".into(), "-q".into()],
+        Filesystem::Xfs => vec!["mkfs.xfs".into(), "-q".into(), "-f".into()],
+        Filesystem::Btrfs => vec!["mkfs.btrfs".into(), "-q".into(), "-f".into()],
+        // Without random or time-based values: only the volume id differs, and it is
+        // given.
+        Filesystem::Vfat => vec!["mkfs.vfat".into(), "--invariant".into()],
+        Filesystem::Swap => vec!["mkswap".into(), "-q".into()],
+    };
+    if let Some(label) = &m.label {
+        argv.push(if m.filesystem == Filesystem::Vfat { "-n" } else { "-L" }.into());
+        argv.push(label.clone());
+    }
+    if let Some(uuid) = &m.uuid {
+        match m.filesystem {
+            Filesystem::Vfat => argv.extend(["-i".into(), uuid.replace('-', "")]),
+            Filesystem::Xfs => argv.extend(["-m".into(), format!("uuid={uuid}")]),
+            _ => argv.extend(["-U".into(), uuid.clone()]),
         }
-        if let Some(uuid) = &m.uuid {
-            match m.filesystem {
-                Filesystem::Vfat => argv.extend(["-i".into(), uuid.replace('-', "")]),
-                Filesystem::Xfs => argv.extend(["-m".into(), format!("uuid={uuid}")]),
-                _ => argv.extend(["-U".into(), uuid.clone()]),
-            }
-        }
-        argv.extend(m.options.iter().cloned());
-        argv.push(m.device.clone());
-        run(job, &Program::new(&argv))
+    }
+    let mut options = m.options.clone();
+    if let (Filesystem::Ext4, Some(seed)) = (m.filesystem, &m.hash_seed) {
+        extended_option(&mut options, &format!("hash_seed={seed}"));
+    }
+    argv.extend(options);
+    if let (Filesystem::Ext4, Some(tree)) = (m.filesystem, tree) {
+        argv.extend(["-d".into(), tree.into()]);
+    }
+    argv.push(m.device.clone());
+    Program::new(&argv)
+}
+
+/// Adds `option` to mke2fs's `-E` list: mke2fs reads only the last `-E`, so a recipe's
+/// own extended options are extended, not replaced.
+fn extended_option(options: &mut Vec<String>, option: &str) {
+    match options.iter().rposition(|o| o == "-E") {
+        Some(i) if i + 1 < options.len() => options[i + 1] = format!("{},{option}", options[i + 1]),
+        _ => options.extend(["-E".into(), option.into()]),
     }
 }
 
@@ -104,7 +143,8 @@ impl Handle<Mount> for Job<'_> {
         let Mount { device, path } = &op;
         let dir = target(job, path)?;
         std::fs::create_dir_all(&dir).map_err(|e| job.io_error(&e))?;
-        run(job, &Program::new(&["mount", device, &dir]))
+        // No access times: reading a file during the build must not change the image.
+        run(job, &Program::new(&["mount", "-o", "noatime", device, &dir]))
     }
 }
 
@@ -155,4 +195,60 @@ fn unescape(field: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext4(options: &[&str]) -> Mkfs {
+        Mkfs {
+            device: "/dev/vdb1".into(),
+            filesystem: Filesystem::Ext4,
+            label: Some("root".into()),
+            uuid: Some("0f1e2d3c-4b5a-8978-8695-a4b3c2d1e0f9".into()),
+            hash_seed: Some("6b2c3f0e-8d41-8a7e-9c55-0d1e2f3a4b5c".into()),
+            options: options.iter().map(|o| o.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_ext4_is_made_with_its_uuid_and_hash_seed_and_populated_from_its_tree() {
+        let program = mkfs(&ext4(&["-O", "^metadata_csum_seed"]), Some("/run/tree"));
+        assert_eq!(
+            program.argv.join(" "),
+            "mkfs.ext4 -q -L root -U 0f1e2d3c-4b5a-8978-8695-a4b3c2d1e0f9 -O ^metadata_csum_seed \
+             -E hash_seed=6b2c3f0e-8d41-8a7e-9c55-0d1e2f3a4b5c -d /run/tree /dev/vdb1"
+        );
+    }
+
+    #[test]
+    fn the_hash_seed_joins_the_recipes_own_extended_options() {
+        let program = mkfs(&ext4(&["-E", "lazy_itable_init=0"]), None);
+        assert!(
+            program
+                .argv
+                .join(" ")
+                .contains(" -E lazy_itable_init=0,hash_seed=6b2c3f0e-8d41-8a7e-9c55-0d1e2f3a4b5c /dev/vdb1"),
+            "{:?}",
+            program.argv
+        );
+        assert_eq!(program.argv.iter().filter(|a| *a == "-E").count(), 1);
+    }
+
+    #[test]
+    fn a_vfat_is_made_without_random_or_time_based_values() {
+        let m = Mkfs {
+            device: "/dev/vdb15".into(),
+            filesystem: Filesystem::Vfat,
+            label: None,
+            uuid: Some("1A2B-3C4D".into()),
+            hash_seed: None,
+            options: Vec::new(),
+        };
+        assert_eq!(
+            mkfs(&m, None).argv.join(" "),
+            "mkfs.vfat --invariant -i 1A2B3C4D /dev/vdb15"
+        );
+    }
 }

@@ -8,6 +8,8 @@ mod debian;
 mod diagnose;
 mod disk;
 mod files;
+mod listing;
+mod seal;
 mod system;
 
 use crate::command::{self, Input, Program};
@@ -80,7 +82,7 @@ fn empty_dir(job: &Job, dir: &str) -> Result<(), OperationError> {
     Ok(())
 }
 
-fn remove_full(job: &Job, full: &Path) -> Result<(), OperationError> {
+pub(crate) fn remove_full(job: &Job, full: &Path) -> Result<(), OperationError> {
     let result = match std::fs::symlink_metadata(full) {
         Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(full),
         Ok(_) => std::fs::remove_file(full),

@@ -45,15 +45,8 @@ impl Archive {
     /// The verified package index of `main` for `arch` (which includes `Architecture: all`),
     /// and the release that lists it.
     pub fn index(&self, arch: Arch) -> Result<(PackageIndex, LockedRelease)> {
-        let url = format!("{}/dists/{}/InRelease", self.mirror, self.suite);
-        let signed = self.fetcher.get(&url).with_context(|| format!("fetching {url}"))?;
-        let release =
-            Release::verify(&signed, &self.suite, Freshness::of(&url)).with_context(|| format!("verifying {url}"))?;
-        let locked = LockedRelease {
-            url: url.clone(),
-            sha256: hex(&sha2::Sha256::digest(&signed)),
-            date: release.date().unwrap_or_default().to_owned(),
-        };
+        let (release, locked) = self.release()?;
+        let url = &locked.url;
         let path = format!("main/binary-{}/Packages.xz", arch.debian());
         let entry = release
             .file(&path)
@@ -63,6 +56,20 @@ impl Archive {
         let reader = liblzma::read::XzDecoder::new(std::fs::File::open(&file)?);
         let index = PackageIndex::parse(std::io::BufReader::new(reader)).with_context(|| format!("parsing {url}"))?;
         Ok((index, locked))
+    }
+
+    /// The suite's release as the mirror serves it now, verified.
+    pub fn release(&self) -> Result<(Release, LockedRelease)> {
+        let url = crate::lock::release_url(&self.mirror, &self.suite);
+        let signed = self.fetcher.get(&url).with_context(|| format!("fetching {url}"))?;
+        let release =
+            Release::verify(&signed, &self.suite, Freshness::of(&url)).with_context(|| format!("verifying {url}"))?;
+        let locked = LockedRelease {
+            url,
+            sha256: hex(&sha2::Sha256::digest(&signed)),
+            date: release.date().unwrap_or_default().to_owned(),
+        };
+        Ok((release, locked))
     }
 
     /// `package` as the lock records it.

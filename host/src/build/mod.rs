@@ -2,6 +2,7 @@
 //! companions (manifest, checksums, log), which appear in the output directory only once
 //! all are complete.
 
+mod format_ids;
 mod outputs;
 
 use crate::archive::Fetcher;
@@ -103,6 +104,9 @@ impl TestReport {
 /// The image's disk in the staging directory, before conversion to the outputs.
 const DISK_FILE: &str = "disk.raw";
 
+/// The disk the image is built on, before it is sealed onto [`DISK_FILE`].
+const WORK_DISK_FILE: &str = "work.raw";
+
 /// The build log: every line of every step, with step boundaries and times, up to
 /// [`LOG_LIMIT`]: the guest decides how much its steps print.
 struct Log {
@@ -148,26 +152,21 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
     let recipe = &options.recipe;
     let started = Instant::now();
     let name = recipe.image_name();
-    // A lock that cannot be followed fails now, before any VM starts.
-    let pinned = match &options.lock {
-        Some(lock) => {
-            tracing::info!("following the lock {}", lock.path.display());
-            let release = lock.check(&subject(recipe))?.clone();
-            let lock = lock.clone();
-            tokio::task::spawn_blocking(move || {
-                lock.available(&release, &Fetcher::default(), &crate::cache::verified())
-                    .map(|()| vec![release])
-            })
-            .await??
-        }
-        None => Vec::new(),
-    };
+    let (release, epoch) = resolve(&options, true).await?;
     std::fs::create_dir_all(&options.output).with_context(|| format!("creating {}", options.output.display()))?;
     // Outputs are assembled next to where they will end up, then renamed into place.
     let staging = crate::leftovers::ClaimedDir::new_in(&options.output, ".imgvm-build-")
         .with_context(|| format!("cannot write in {}", options.output.display()))?;
     let disk = staging.path().join(DISK_FILE);
-    std::fs::File::create(&disk)?.set_len(recipe.disk_size.bytes())?;
+    let settings = settings(&options, epoch);
+    // Built on the first disk; sealed onto the second, which is the image.
+    let mut disks = vec![staging.path().join(WORK_DISK_FILE)];
+    if settings.image {
+        disks.push(disk.clone());
+    }
+    for file in &disks {
+        std::fs::File::create(file)?.set_len(recipe.disk_size.bytes())?;
+    }
     let log_path = staging.path().join(format!("{name}.build.log"));
     let mut log = Log::new(std::fs::File::create(&log_path)?);
     log.line(&format!(
@@ -178,7 +177,13 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
         recipe.arch
     ));
 
-    let result = run_steps(&options, pinned, &disk, staging.path(), &mut log, &cancel).await;
+    log.line(&format!(
+        "SOURCE_DATE_EPOCH={epoch}, release {} ({})",
+        release.url, release.date
+    ));
+    let result = run_steps(&options, &settings, release, &disks, staging.path(), &mut log, &cancel).await;
+    // The disk the image was built on is done with, whatever happened.
+    let _ = std::fs::remove_file(&disks[0]);
     let (timings, findings, lock) = match result {
         Ok(done) => done,
         Err(e) => {
@@ -257,6 +262,54 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
     })
 }
 
+/// What `imgvm build --dry-run` prints: the plan this build would carry out.
+pub async fn plan(options: &BuildOptions) -> Result<crate::plan::Plan> {
+    let (_, epoch) = resolve(options, false).await?;
+    Ok(crate::plan::plan(&options.recipe, &settings(options, epoch)))
+}
+
+fn settings(options: &BuildOptions, epoch: i64) -> crate::plan::Settings {
+    crate::plan::Settings {
+        test: options.test,
+        epoch,
+        image: !options.lock_only,
+    }
+}
+
+/// The release the build installs from and its `SOURCE_DATE_EPOCH`, before any VM
+/// starts: a lock's (which fails now if it cannot be followed), else the one the mirror
+/// serves now, which the build then keeps to as to a lock.
+/// A dry run (`check_packages` false) does not look for the lock's packages.
+async fn resolve(options: &BuildOptions, check_packages: bool) -> Result<(LockedRelease, i64)> {
+    let recipe = &options.recipe;
+    let release = match &options.lock {
+        Some(lock) if !check_packages => lock.check(&subject(recipe))?.clone(),
+        Some(lock) => {
+            tracing::info!("following the lock {}", lock.path.display());
+            let release = lock.check(&subject(recipe))?.clone();
+            let lock = lock.clone();
+            tokio::task::spawn_blocking(move || {
+                lock.available(&release, &Fetcher::default(), &crate::cache::verified())
+                    .map(|()| release)
+            })
+            .await??
+        }
+        None => {
+            let archive = crate::archive::Archive::new(
+                &recipe.mirror,
+                &recipe.suite,
+                &crate::cache::verified(),
+                Fetcher::default(),
+            );
+            tokio::task::spawn_blocking(move || archive.release().map(|(_, locked)| locked)).await??
+        }
+    };
+    let from_environment = std::env::var("SOURCE_DATE_EPOCH").ok();
+    let lock = options.lock.as_ref().map(|l| &l.lock);
+    let epoch = crate::lock::source_date_epoch(from_environment.as_deref(), lock, &release)?;
+    Ok((release, epoch))
+}
+
 /// Boots the finished disk (attached as a snapshot, so it stays as built) on each
 /// firmware of its architecture.
 async fn boot_tests(
@@ -298,8 +351,9 @@ async fn boot_tests(
 /// helper found out about the image and its lock.
 async fn run_steps(
     options: &BuildOptions,
-    pinned: Vec<LockedRelease>,
-    disk: &Path,
+    settings: &crate::plan::Settings,
+    release: LockedRelease,
+    disks: &[PathBuf],
     staging: &Path,
     log: &mut Log,
     cancel: &CancellationToken,
@@ -309,7 +363,8 @@ async fn run_steps(
     let boot_started = Instant::now();
     let helper_options = HelperOptions {
         arch: recipe.arch,
-        disks: vec![disk.to_owned()],
+        disks: disks.to_vec(),
+        read_only: false,
         memory_mib: options.memory_mib,
         cpus: options.cpus,
         boot_timeout: options.boot_timeout,
@@ -317,7 +372,7 @@ async fn run_steps(
         suite: options.helper_suite.clone(),
         bare: false,
         proxy_mirrors: vec![recipe.mirror.clone()],
-        pinned,
+        pinned: vec![release],
     };
     let fetcher = Fetcher::default();
     let mut helper = tokio::select! {
@@ -331,7 +386,7 @@ async fn run_steps(
 
     let mut findings = Findings::default();
     let work = async {
-        for phase in crate::plan::plan(recipe, options.test).phases {
+        for phase in crate::plan::plan(recipe, settings).phases {
             timings.push(run_phase(&helper, recipe, phase, staging, &mut findings, log, cancel).await?);
         }
         Ok::<_, anyhow::Error>(())
@@ -351,6 +406,7 @@ async fn run_steps(
     ));
     let lock = Lock::new(
         subject(recipe),
+        settings.epoch,
         &findings.packages,
         &helper.proxy.listed(),
         helper.appliance.clone(),
@@ -543,7 +599,7 @@ async fn run_action(
             let tarball = staging.join("rootfs.tar");
             // The tree cannot hold more than the disk; sparse files expanded by tar
             // could, and then the guest is not to be believed.
-            let limit = 2 * std::fs::metadata(staging.join(DISK_FILE))?.len();
+            let limit = 2 * std::fs::metadata(staging.join(WORK_DISK_FILE))?.len();
             return crate::transfer::copy_out(session, &format!("{TARGET}/"), &tarball, Some(limit), cancel).await;
         }
     };

@@ -41,31 +41,43 @@ pub async fn write(
                 .await?
             }
             OutputFormat::Vmdk => {
-                convert(
+                let file = convert(
                     disk,
                     staging.join(format!("{name}.vmdk")),
                     &["-O", "vmdk", "-o", "subformat=streamOptimized"],
                 )
-                .await?
+                .await?;
+                super::format_ids::vmdk(&file, name, lock.source_date_epoch).context("fixing the VMDK's CID")?;
+                file
             }
             // Azure wants a fixed VHD whose size is a whole number of MiB (checked with the
             // recipe); force_size keeps qemu-img from rounding to CHS geometry.
             OutputFormat::Vhd => {
-                convert(
+                let file = convert(
                     disk,
                     staging.join(format!("{name}.vhd")),
                     &["-O", "vpc", "-o", "subformat=fixed,force_size"],
                 )
-                .await?
+                .await?;
+                super::format_ids::vhd(&file, name, lock.source_date_epoch).context("fixing the VHD's footer")?;
+                file
             }
-            // GCE's layout: a gzipped tar holding one sparse member named disk.raw.
+            // GCE's layout: a gzipped tar holding one sparse member named disk.raw;
+            // dated SOURCE_DATE_EPOCH, owned by root and gzip without a time stamp, so
+            // that the same disk gives the same archive.
             OutputFormat::GceTar => {
                 let out = staging.join(format!("{name}.tar.gz"));
+                let mtime = format!("--mtime=@{}", lock.source_date_epoch);
                 run(
                     "tar",
                     &[
                         "--format=oldgnu".as_ref(),
-                        "-Sczf".as_ref(),
+                        mtime.as_ref(),
+                        "--owner=0".as_ref(),
+                        "--group=0".as_ref(),
+                        "--numeric-owner".as_ref(),
+                        "--use-compress-program=gzip -n".as_ref(),
+                        "-Scf".as_ref(),
                         out.as_os_str(),
                         "-C".as_ref(),
                         staging.as_os_str(),
@@ -121,10 +133,9 @@ pub async fn write(
         arch: recipe.arch.to_string(),
         suite: recipe.suite.clone(),
         mirror: recipe.mirror.clone(),
-        built_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        built_at: u64::try_from(lock.source_date_epoch).unwrap_or(0),
         build_seconds: started.elapsed().as_secs_f64(),
+        table: Some(recipe.table),
         partitions: recipe.partitions.clone(),
         outputs: infos,
         steps: timings.to_vec(),
@@ -198,6 +209,61 @@ mod tests {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// The same disk, written at another time as another file, gives the same file in
+    /// every disk format.
+    #[tokio::test]
+    async fn the_same_disk_gives_the_same_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe_path = dir.path().join("r.yaml");
+        std::fs::write(
+            &recipe_path,
+            "name: t\nsuite: trixie\ndisk:\n  size: 16MiB\n  partitions:\n    - {name: root, type: root, filesystem: ext4, mount: /}\noutputs: [raw, qcow2-compressed, vmdk, vhd, gce-tar]\n",
+        )
+        .unwrap();
+        let recipe = Recipe::load(&recipe_path, Some(crate::arch::Arch::Amd64)).unwrap();
+        let lock = crate::lock::tests::lock(&[("base-files", "13.8")]);
+        let mut sums = Vec::new();
+        for (i, mtime) in [1_700_000_000, 1_800_000_000].into_iter().enumerate() {
+            let staging = dir.path().join(format!("staging{i}"));
+            std::fs::create_dir(&staging).unwrap();
+            let disk = staging.join("disk.raw");
+            let mut content = vec![0u8; 16 << 20];
+            content[1 << 20..(1 << 20) + 11].copy_from_slice(b"the same fs");
+            std::fs::write(&disk, &content).unwrap();
+            let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
+            std::fs::File::options()
+                .write(true)
+                .open(&disk)
+                .unwrap()
+                .set_modified(time)
+                .unwrap();
+            let mut log = Log::new(std::fs::File::create(dir.path().join(format!("log{i}"))).unwrap());
+            write(
+                &recipe,
+                "t-amd64",
+                &staging,
+                &disk,
+                &[],
+                &lock,
+                &[],
+                None,
+                Instant::now(),
+                &mut log,
+            )
+            .await
+            .unwrap();
+            let text = std::fs::read_to_string(staging.join("SHA256SUMS")).unwrap();
+            let images: Vec<String> = text
+                .lines()
+                .filter(|l| !l.ends_with(".json") && !l.ends_with(".lock"))
+                .map(str::to_owned)
+                .collect();
+            assert_eq!(images.len(), 5, "{text}");
+            sums.push(images);
+        }
+        assert_eq!(sums[0], sums[1]);
+    }
+
     /// Every format from one small partitioned disk, checked with the tools its consumers
     /// use: qemu-img for the disk formats, tar for the archives, sha256sum for the sums.
     #[tokio::test]
@@ -217,10 +283,20 @@ mod tests {
             .unwrap()
             .set_len(recipe.disk_size.bytes())
             .unwrap();
-        let plan = crate::plan::plan(&recipe, false);
-        let crate::plan::Action::Op(imgvm_protocol::ImageOp::Partition(table)) = &plan.phases[0].actions[0] else {
-            panic!("a plan starts by partitioning")
+        let settings = crate::plan::Settings {
+            test: false,
+            epoch: 0,
+            image: true,
         };
+        let plan = crate::plan::plan(&recipe, &settings);
+        let table = plan.phases[0]
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                crate::plan::Action::Op(imgvm_protocol::ImageOp::Partition(table)) => Some(table),
+                _ => None,
+            })
+            .expect("a plan starts by partitioning");
         let script = table
             .partitions
             .iter()
@@ -318,6 +394,11 @@ mod tests {
         let footer = &vhd[64 << 20..];
         assert_eq!(&footer[..8], b"conectix");
         assert_eq!(footer[60..64], [0, 0, 0, 2]);
+        // Its time stamp and UUID were replaced: its checksum still holds.
+        let sum = (footer.iter().enumerate())
+            .filter(|(i, _)| !(64..68).contains(i))
+            .fold(0u32, |sum, (_, &b)| sum.wrapping_add(u32::from(b)));
+        assert_eq!(footer[64..68], (!sum).to_be_bytes(), "the footer's checksum is wrong");
         // GCE: a gzipped tar with one member, disk.raw, the whole disk.
         let listing = tool("tar", &["-tvzf", &path("t-amd64.tar.gz")]);
         let members: Vec<&str> = listing.lines().collect();

@@ -1,21 +1,30 @@
 //! The disk layout: partition numbers, devices and Debian's partition type GUIDs.
 
+use super::identity::Identity;
 use crate::arch::Arch;
 use crate::recipe::{Partition, PartitionKind, Recipe, TableKind};
 use imgvm_protocol::PartitionSpec;
 
-/// The image, as the helper VM sees it: its first (and only) virtio disk.
+/// The image while it is built, as the helper VM sees it: its first virtio disk.
 pub const DISK: &str = "/dev/vda";
+
+/// The empty second disk that the finished image is sealed onto
+/// ([`imgvm_protocol::Seal`]), which becomes the output.
+pub const SEALED: &str = "/dev/vdb";
 
 /// The kernel's name for partition `number` of the image.
 pub fn device(number: u32) -> String {
-    format!("{DISK}{number}")
+    device_of(DISK, number)
+}
+
+/// The kernel's name for partition `number` of `disk`.
+pub fn device_of(disk: &str, number: u32) -> String {
+    format!("{disk}{number}")
 }
 
 /// The number each partition gets: its own, else its position.
-pub fn numbered(recipe: &Recipe) -> Vec<(u32, &Partition)> {
-    recipe
-        .partitions
+pub fn numbered(partitions: &[Partition]) -> Vec<(u32, &Partition)> {
+    partitions
         .iter()
         .enumerate()
         .map(|(i, p)| (p.number.unwrap_or(i as u32 + 1), p))
@@ -24,12 +33,13 @@ pub fn numbered(recipe: &Recipe) -> Vec<(u32, &Partition)> {
 
 /// The partition table's entries in list order, so the last one (root) is physically last
 /// whatever its number.
-pub fn partition_specs(recipe: &Recipe) -> Vec<PartitionSpec> {
+pub fn partition_specs(recipe: &Recipe, ids: &Identity) -> Vec<PartitionSpec> {
     let gpt = recipe.table == TableKind::Gpt;
-    numbered(recipe)
+    numbered(&recipe.partitions)
         .into_iter()
         .map(|(number, part)| PartitionSpec {
             number,
+            uuid: gpt.then(|| ids.uuid(&format!("partition {}", part.name))),
             size_bytes: part.size.map(|s| s.bytes()),
             type_code: type_code(part.kind, recipe.arch, gpt).into(),
             name: part.name.clone(),

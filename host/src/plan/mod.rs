@@ -7,12 +7,14 @@
 //! `imgvm build --dry-run` shows exactly what a build will do, and the golden plans in
 //! `host/tests/golden/` show every change to planning as a diff.
 
+mod identity;
 mod layout;
 
 use crate::arch::Arch;
 use crate::recipe::{self, Filesystem, FstabKey, HostSource, PartitionKind, Recipe, Step, TableKind, Timeout};
+use identity::Identity;
 use imgvm_protocol::{self as proto, ImageOp};
-use layout::{device, numbered, partition_specs, DISK};
+use layout::{device, device_of, numbered, partition_specs, DISK, SEALED};
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -87,12 +89,27 @@ impl Plan {
     }
 }
 
-/// With `test`, the recipe's offline checks run on the finished tree.
-pub fn plan(recipe: &Recipe, test: bool) -> Plan {
+/// What a build decides besides its recipe.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Run the recipe's offline checks on the finished tree.
+    pub test: bool,
+    /// The build's `SOURCE_DATE_EPOCH`: every program in the helper gets it, and the
+    /// disk's identifiers derive from it.
+    pub epoch: i64,
+    /// The build writes an image (`imgvm lock` does not): the finished tree is sealed
+    /// onto the second disk ([`proto::Seal`]), and taken out as a tarball if asked.
+    pub image: bool,
+}
+
+pub fn plan(recipe: &Recipe, settings: &Settings) -> Plan {
+    let ids = Identity::new(&recipe.name, recipe.arch, settings.epoch);
+    let mut actions = vec![Action::Op(proto::SourceDateEpoch(settings.epoch).into())];
+    actions.extend(prepare_disk(recipe, &ids));
     let mut phases = vec![Phase {
         label: "partition and format".into(),
         timeout: recipe.step_timeout,
-        actions: prepare_disk(recipe),
+        actions,
     }];
     let count = recipe.steps.len();
     for (i, step) in recipe.steps.iter().enumerate() {
@@ -103,7 +120,7 @@ pub fn plan(recipe: &Recipe, test: bool) -> Plan {
         phases.push(Phase {
             label: format!("step {}/{count} ({})", i + 1, step.kind()),
             timeout: timeout.unwrap_or(recipe.step_timeout),
-            actions: step_actions(recipe, step, test),
+            actions: step_actions(recipe, step, settings, &ids),
         });
     }
     Plan {
@@ -113,55 +130,115 @@ pub fn plan(recipe: &Recipe, test: bool) -> Plan {
     }
 }
 
-/// The device of partition `number`: the whole disk when there is no partition table.
-fn partition_device(recipe: &Recipe, number: u32) -> String {
+/// The device of partition `number` of `disk`: the whole disk when there is no
+/// partition table.
+fn partition_device(recipe: &Recipe, disk: &str, number: u32) -> String {
     if recipe.table == TableKind::None {
-        DISK.to_owned()
+        disk.to_owned()
     } else {
-        device(number)
+        device_of(disk, number)
     }
+}
+
+/// The mounted filesystems of a finished image attached as `disk`: (device, mount
+/// point, filesystem), root first. What `imgvm diff --files` lists.
+pub fn image_filesystems(
+    table: TableKind,
+    partitions: &[recipe::Partition],
+    disk: &str,
+) -> Vec<(String, String, Filesystem)> {
+    let mut out: Vec<_> = numbered(partitions)
+        .into_iter()
+        .filter_map(|(number, part)| {
+            let device = match table {
+                TableKind::None => disk.to_owned(),
+                _ => device_of(disk, number),
+            };
+            Some((device, part.mount.clone()?, part.filesystem?))
+        })
+        .filter(|(_, _, fs)| *fs != Filesystem::Swap)
+        .collect();
+    out.sort_by_key(|(_, mount, _)| (mount != "/", mount.matches('/').count()));
+    out
 }
 
 /// (device, mount point), parents before children; root first.
 fn mounts(recipe: &Recipe) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = numbered(recipe)
+    let mut out: Vec<(String, String)> = numbered(&recipe.partitions)
         .into_iter()
-        .filter_map(|(n, p)| Some((partition_device(recipe, n), p.mount.clone()?)))
+        .filter_map(|(n, p)| Some((partition_device(recipe, DISK, n), p.mount.clone()?)))
         .collect();
     out.sort_by_key(|(_, m)| (m != "/", m.matches('/').count(), m.clone()));
     out
 }
 
-fn prepare_disk(recipe: &Recipe) -> Vec<Action> {
-    let table = match recipe.table {
-        TableKind::Gpt => Some(proto::Table::Gpt),
-        TableKind::Msdos => Some(proto::Table::Msdos),
-        TableKind::None => None,
+fn prepare_disk(recipe: &Recipe, ids: &Identity) -> Vec<Action> {
+    let (table, label_id) = match recipe.table {
+        TableKind::Gpt => (Some(proto::Table::Gpt), Some(ids.uuid("disk"))),
+        TableKind::Msdos => (Some(proto::Table::Msdos), Some(ids.disk_id())),
+        TableKind::None => (None, None),
     };
     let mut actions = vec![Action::Op(
         proto::Partition {
             disk: DISK.into(),
             table,
-            partitions: partition_specs(recipe),
+            partitions: partition_specs(recipe, ids),
+            label_id,
         }
         .into(),
     )];
-    for (number, part) in numbered(recipe) {
-        let Some(fs) = part.filesystem else { continue };
-        actions.push(Action::Op(ImageOp::Mkfs(proto::Mkfs {
-            device: partition_device(recipe, number),
-            filesystem: fs,
-            label: part.label.clone(),
-            uuid: part.uuid.clone(),
-            options: part.mkfs_options.clone(),
-        })));
+    for (number, part) in numbered(&recipe.partitions) {
+        if let Some(mkfs) = mkfs(recipe, ids, DISK, number, part) {
+            actions.push(Action::Op(mkfs.into()));
+        }
     }
     let (device, path) = mounts(recipe).swap_remove(0);
     actions.push(Action::Op(proto::Mount { device, path }.into()));
     actions
 }
 
-fn step_actions(recipe: &Recipe, step: &Step, test: bool) -> Vec<Action> {
+/// How partition `number` gets its filesystem on `disk`, if it has one: with the
+/// recipe's UUID or a derived one, and for ext4 a derived hash seed.
+fn mkfs(recipe: &Recipe, ids: &Identity, disk: &str, number: u32, part: &recipe::Partition) -> Option<proto::Mkfs> {
+    let filesystem = part.filesystem?;
+    let what = format!("filesystem {}", part.name);
+    let derived = match filesystem {
+        Filesystem::Vfat => ids.volume_id(&what),
+        _ => ids.uuid(&what),
+    };
+    Some(proto::Mkfs {
+        device: partition_device(recipe, disk, number),
+        filesystem,
+        label: part.label.clone(),
+        uuid: Some(part.uuid.clone().unwrap_or(derived)),
+        hash_seed: (filesystem == Filesystem::Ext4).then(|| ids.uuid(&format!("hash seed {}", part.name))),
+        options: part.mkfs_options.clone(),
+    })
+}
+
+/// The finished image onto the second disk: each mounted ext4 and vfat made anew from
+/// its tree, the rest (boot code, BIOS boot and PReP partitions, swap, xfs and btrfs)
+/// copied as built.
+fn seal(recipe: &Recipe, ids: &Identity) -> proto::Seal {
+    let filesystems = numbered(&recipe.partitions)
+        .into_iter()
+        .filter(|(_, part)| matches!(part.filesystem, Some(Filesystem::Ext4 | Filesystem::Vfat)))
+        .filter_map(|(number, part)| {
+            Some(proto::SealedFilesystem {
+                partition: (recipe.table != TableKind::None).then_some(number),
+                mount: part.mount.clone()?,
+                mkfs: mkfs(recipe, ids, SEALED, number, part)?,
+            })
+        })
+        .collect();
+    proto::Seal {
+        from: DISK.into(),
+        to: SEALED.into(),
+        filesystems,
+    }
+}
+
+fn step_actions(recipe: &Recipe, step: &Step, settings: &Settings, ids: &Identity) -> Vec<Action> {
     fn op(op: impl Into<ImageOp>) -> Vec<Action> {
         vec![Action::Op(op.into())]
     }
@@ -252,12 +329,15 @@ fn step_actions(recipe: &Recipe, step: &Step, test: bool) -> Vec<Action> {
         Step::Bootloader(boot) => op(bootloader(recipe, boot)),
         Step::Finalize(finalize) => {
             let mut actions = vec![Action::Op(proto::Clean.into()), Action::ListPackages];
-            if test && !recipe.tests.is_empty() {
+            if settings.test && !recipe.tests.is_empty() {
                 actions.push(Action::Checks(checks(recipe)));
             }
             // Taken before unmounting, so it holds the whole tree.
-            if recipe.outputs.contains(&recipe::OutputFormat::Rootfs) {
+            if settings.image && recipe.outputs.contains(&recipe::OutputFormat::Rootfs) {
                 actions.push(Action::RootfsTarball);
+            }
+            if settings.image {
+                actions.push(Action::Op(seal(recipe, ids).into()));
             }
             actions.push(Action::Op(proto::Unmount { trim: finalize.trim }.into()));
             actions
@@ -276,7 +356,7 @@ fn fstab_entries(recipe: &Recipe, by: FstabKey) -> Vec<proto::FstabEntry> {
         FstabKey::Partuuid if recipe.table == TableKind::None => FstabKey::Uuid,
         key => key,
     };
-    let mut entries: Vec<proto::FstabEntry> = numbered(recipe)
+    let mut entries: Vec<proto::FstabEntry> = numbered(&recipe.partitions)
         .into_iter()
         .filter_map(|(number, part)| {
             let fs = part.filesystem?;
@@ -291,7 +371,7 @@ fn fstab_entries(recipe: &Recipe, by: FstabKey) -> Vec<proto::FstabEntry> {
                 _ => 2,
             };
             Some(proto::FstabEntry {
-                device: partition_device(recipe, number),
+                device: partition_device(recipe, DISK, number),
                 key,
                 mount,
                 filesystem: fs,
@@ -329,7 +409,7 @@ fn bootloader(recipe: &Recipe, boot: &recipe::Bootloader) -> proto::Bootloader {
             target: "arm64-efi".into(),
         }),
         Arch::Ppc64el => {
-            let (number, _) = numbered(recipe)
+            let (number, _) = numbered(&recipe.partitions)
                 .into_iter()
                 .find(|(_, p)| p.kind == PartitionKind::Prep)
                 .expect("validated: ppc64el bootloader needs a prep partition");

@@ -186,7 +186,7 @@ mod tests {
         let listed = known.listed();
         use crate::lock::{tests as lock, Lock};
         let installed = lock::installed("foo", "1", "amd64");
-        let lock = Lock::new(lock::subject(), &[installed], &listed, lock::helper("x"));
+        let lock = Lock::new(lock::subject(), 0, &[installed], &listed, lock::helper("x"));
         assert_eq!(lock.packages[0].archive, "http://m/debian");
         assert_eq!(lock.packages[0].filename, "pool/main/f/foo/foo_1_amd64.deb");
         assert_eq!(lock.packages[0].sha256, "abc");

@@ -80,8 +80,9 @@ pub struct Partition {
     pub number: Option<u32>,
     pub filesystem: Option<Filesystem>,
     pub label: Option<String>,
-    /// The filesystem's UUID (for vfat its volume id, `ABCD-1234`); fixed UUIDs make
-    /// fstab and grub.cfg the same from build to build. Default: random.
+    /// The filesystem's UUID (for vfat its volume id, `ABCD-1234`). Default: derived from
+    /// the recipe's name, the architecture and `SOURCE_DATE_EPOCH` (see
+    /// `plan::identity`), so the same for every rebuild from one lock.
     pub uuid: Option<String>,
     pub mount: Option<String>,
     /// Mount options for fstab, e.g. `discard,errors=remount-ro`.

@@ -26,6 +26,8 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub disks: Vec<PathBuf>,
+    /// Attach the disks read-only (an image that is looked at, not built).
+    pub read_only: bool,
     pub memory_mib: u32,
     pub cpus: u32,
     pub accel: Accel,
@@ -108,7 +110,11 @@ impl Vm {
             ])
             .args(transport.qemu_args());
         for (i, disk) in config.disks.iter().enumerate() {
-            let spec = qemu::drive(disk, &format!("if=none,id=disk{i},cache=unsafe,discard=unmap"))?;
+            let options = match config.read_only {
+                true => format!("if=none,id=disk{i},readonly=on"),
+                false => format!("if=none,id=disk{i},cache=unsafe,discard=unmap"),
+            };
+            let spec = qemu::drive(disk, &options)?;
             cmd.arg("-drive").arg(spec);
             cmd.args(["-device", &format!("virtio-blk-pci,drive=disk{i},serial=disk{i}")]);
         }

@@ -132,8 +132,8 @@ pub fn plan(recipe: &Recipe, settings: &Settings) -> Plan {
 
 /// The device of partition `number` of `disk`: the whole disk when there is no
 /// partition table.
-fn partition_device(recipe: &Recipe, disk: &str, number: u32) -> String {
-    if recipe.table == TableKind::None {
+fn partition_device(table: TableKind, disk: &str, number: u32) -> String {
+    if table == TableKind::None {
         disk.to_owned()
     } else {
         device_of(disk, number)
@@ -150,10 +150,7 @@ pub fn image_filesystems(
     let mut out: Vec<_> = numbered(partitions)
         .into_iter()
         .filter_map(|(number, part)| {
-            let device = match table {
-                TableKind::None => disk.to_owned(),
-                _ => device_of(disk, number),
-            };
+            let device = partition_device(table, disk, number);
             Some((device, part.mount.clone()?, part.filesystem?))
         })
         .filter(|(_, _, fs)| *fs != Filesystem::Swap)
@@ -166,7 +163,7 @@ pub fn image_filesystems(
 fn mounts(recipe: &Recipe) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = numbered(&recipe.partitions)
         .into_iter()
-        .filter_map(|(n, p)| Some((partition_device(recipe, DISK, n), p.mount.clone()?)))
+        .filter_map(|(n, p)| Some((partition_device(recipe.table, DISK, n), p.mount.clone()?)))
         .collect();
     out.sort_by_key(|(_, m)| (m != "/", m.matches('/').count(), m.clone()));
     out
@@ -207,7 +204,7 @@ fn mkfs(recipe: &Recipe, ids: &Identity, disk: &str, number: u32, part: &recipe:
         _ => ids.uuid(&what),
     };
     Some(proto::Mkfs {
-        device: partition_device(recipe, disk, number),
+        device: partition_device(recipe.table, disk, number),
         filesystem,
         label: part.label.clone(),
         uuid: Some(part.uuid.clone().unwrap_or(derived)),
@@ -371,7 +368,7 @@ fn fstab_entries(recipe: &Recipe, by: FstabKey) -> Vec<proto::FstabEntry> {
                 _ => 2,
             };
             Some(proto::FstabEntry {
-                device: partition_device(recipe, DISK, number),
+                device: partition_device(recipe.table, DISK, number),
                 key,
                 mount,
                 filesystem: fs,

@@ -48,39 +48,32 @@ pub struct Helper {
     pub appliance: HelperLock,
 }
 
-impl Helper {
-    pub async fn boot(options: &HelperOptions, fetcher: &Fetcher) -> Result<Helper> {
-        let arch = options.arch;
-        let spec = Spec::new(arch, options.mirror.as_deref(), options.suite.as_deref())?;
-        let mut mirrors = vec![spec.definition.mirror.clone()];
-        mirrors.extend(options.proxy_mirrors.iter().cloned());
-        let proxy = crate::proxy::Proxy::new(&mirrors, fetcher.clone());
-        proxy.pin(&options.pinned);
-        let fetcher = fetcher.clone();
-        let stats = fetcher.clone();
-        let appliance = tokio::task::spawn_blocking(move || spec.ensure(&fetcher, false)).await??;
-        tracing::info!(
-            downloaded_files = stats.stats().files(),
-            downloaded_bytes = stats.stats().bytes(),
-            "appliance {}",
-            appliance.dir.display()
-        );
-        let agent = crate::agent::load(arch)?;
-        let initrd = appliance.initrd(&agent, options.bare)?;
-        let built_from = HelperLock {
-            release: appliance.manifest.release.clone(),
-            packages: appliance.manifest.packages.clone(),
-        };
-        let mut config = VmConfig {
-            arch,
-            kernel: appliance.kernel(),
-            initrd,
-            disks: options.disks.clone(),
-            read_only: options.read_only,
-            memory_mib: options.memory_mib,
-            cpus: options.cpus.unwrap_or_else(default_cpus),
-            accel: Accel::Tcg,
-        };
+/// A helper VM ready to boot: its appliance assembled, its agent loaded, its package
+/// proxy set up. What it is made of is known before it boots ([`Prepared::identity`]).
+pub struct Prepared {
+    config: VmConfig,
+    proxy: std::sync::Arc<crate::proxy::Proxy>,
+    built_from: HelperLock,
+    identity: String,
+}
+
+impl Prepared {
+    /// SHA256 over everything the helper runs steps with: the appliance's release and
+    /// packages and the agent. Two helpers with the same identity do the same steps.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Boots the helper with `disks` attached, trying KVM first where it may work.
+    pub async fn boot(self, disks: Vec<PathBuf>, timeout: Duration) -> Result<Helper> {
+        let Prepared {
+            mut config,
+            proxy,
+            built_from,
+            ..
+        } = self;
+        config.disks = disks;
+        let arch = config.arch;
         let (accel, why_not_kvm) = Accel::choose(arch);
         if accel == Accel::Kvm {
             config.accel = Accel::Kvm;
@@ -103,7 +96,64 @@ impl Helper {
         } else if let Some(why) = why_not_kvm {
             tracing::info!("using TCG (software emulation, {} vCPUs): {why}", config.cpus);
         }
-        Helper::start(&config, options.boot_timeout, proxy, built_from).await
+        Helper::start(&config, timeout, proxy, built_from).await
+    }
+}
+
+impl Helper {
+    pub async fn boot(options: &HelperOptions, fetcher: &Fetcher) -> Result<Helper> {
+        Helper::prepare(options, fetcher)
+            .await?
+            .boot(options.disks.clone(), options.boot_timeout)
+            .await
+    }
+
+    /// Everything before booting (`options.disks` is not looked at).
+    pub async fn prepare(options: &HelperOptions, fetcher: &Fetcher) -> Result<Prepared> {
+        let arch = options.arch;
+        let spec = Spec::new(arch, options.mirror.as_deref(), options.suite.as_deref())?;
+        let mut mirrors = vec![spec.definition.mirror.clone()];
+        mirrors.extend(options.proxy_mirrors.iter().cloned());
+        let proxy = crate::proxy::Proxy::new(&mirrors, fetcher.clone());
+        proxy.pin(&options.pinned);
+        let fetcher = fetcher.clone();
+        let stats = fetcher.clone();
+        let appliance = tokio::task::spawn_blocking(move || spec.ensure(&fetcher, false)).await??;
+        tracing::info!(
+            downloaded_files = stats.stats().files(),
+            downloaded_bytes = stats.stats().bytes(),
+            "appliance {}",
+            appliance.dir.display()
+        );
+        let agent = crate::agent::load(arch)?;
+        let initrd = appliance.initrd(&agent, options.bare)?;
+        let built_from = HelperLock {
+            release: appliance.manifest.release.clone(),
+            packages: appliance.manifest.packages.clone(),
+        };
+        let identity = {
+            use sha2::Digest;
+            let mut hasher = sha2::Sha256::new();
+            hasher.update(serde_json::to_vec(&built_from)?);
+            hasher.update(&agent);
+            crate::archive::hex(&hasher.finalize())
+        };
+        let config = VmConfig {
+            arch,
+            kernel: appliance.kernel(),
+            initrd,
+            disks: Vec::new(),
+            read_only: options.read_only,
+            memory_mib: options.memory_mib,
+            cpus: options.cpus.unwrap_or_else(default_cpus),
+            accel: Accel::Tcg,
+        };
+        Ok(Prepared {
+            config,
+            proxy,
+            built_from,
+            identity,
+        })
     }
 
     async fn start(

@@ -31,6 +31,7 @@ pub mod report;
 pub mod run;
 pub mod sbom;
 pub mod session;
+pub mod states;
 #[cfg(test)]
 mod test_http;
 pub mod text;

@@ -53,6 +53,18 @@ enum Cmd {
     /// What differs between two builds: recipe, partitions, packages and outputs. Exit
     /// status 0 when nothing does, 1 when something does, 2 when one cannot be read.
     Diff(DiffArgs),
+    /// The step cache: the image as earlier builds left it after each step, which later
+    /// builds of the same first steps start from.
+    #[command(subcommand)]
+    Cache(CacheCmd),
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// List the stored states per recipe: each step's state and its size.
+    Info,
+    /// Remove every stored state (not while a build is using them).
+    Clean,
 }
 
 #[derive(clap::Args)]
@@ -164,6 +176,9 @@ struct BuildArgs {
     /// machine or its link-local network (a local apt-cacher-ng): for recipes you wrote.
     #[arg(long)]
     trust_recipe: bool,
+    /// Build from an empty disk, and keep no state of this build in the step cache.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 /// The helper VM of a build.
@@ -315,6 +330,7 @@ async fn dispatch(command: Cmd) -> Result<u8> {
         Cmd::Test(args) => test(args).await,
         Cmd::Diff(args) => Ok(diff(args).await),
         Cmd::Lock(args) => lock(args).await,
+        Cmd::Cache(command) => cache(command),
         Cmd::Recipe(RecipeCmd::Check {
             recipe,
             arch,
@@ -428,6 +444,7 @@ async fn build(args: BuildArgs) -> Result<u8> {
         lock: lock.map(|path| imgvm::lock::LockFile::read(&path)).transpose()?,
         lock_only: false,
         test: args.test,
+        no_cache: args.no_cache,
         ..build_options(recipe, args.output, args.helper)
     };
     if args.dry_run {
@@ -474,7 +491,52 @@ fn build_options(
         test: false,
         lock: None,
         lock_only: false,
+        no_cache: false,
     }
+}
+
+/// `imgvm cache info|clean`.
+fn cache(command: CacheCmd) -> Result<u8> {
+    use indicatif::HumanBytes;
+    match command {
+        CacheCmd::Info => {
+            let store = imgvm::states::Store::open()?;
+            let entries = store.entries();
+            let total: u64 = entries.iter().map(|e| e.bytes).sum();
+            let mut recipe = None;
+            for entry in &entries {
+                let this = (&entry.meta.recipe, &entry.meta.arch);
+                if recipe != Some(this) {
+                    let bytes: u64 = entries
+                        .iter()
+                        .filter(|e| (&e.meta.recipe, &e.meta.arch) == this)
+                        .map(|e| e.bytes)
+                        .sum();
+                    println!("{} ({}): {}", entry.meta.recipe, entry.meta.arch, HumanBytes(bytes));
+                    recipe = Some(this);
+                }
+                println!(
+                    "  {:>10}  {}  {}",
+                    HumanBytes(entry.bytes).to_string(),
+                    &entry.key[..12],
+                    printable(&entry.meta.step)
+                );
+            }
+            println!(
+                "{} states, {} of {} ({})",
+                entries.len(),
+                HumanBytes(total),
+                HumanBytes(imgvm::states::limit()),
+                store.dir().display()
+            );
+        }
+        CacheCmd::Clean => {
+            let store = imgvm::states::Store::exclusive()?;
+            let removed = store.clean();
+            println!("removed {} from {}", HumanBytes(removed), store.dir().display());
+        }
+    }
+    Ok(0)
 }
 
 /// `imgvm lock`: the build's steps in a scratch directory of the cache, and only the

@@ -43,6 +43,20 @@ image_operations! {
     23 SourceDateEpoch "source-date-epoch" -> (), |op| format!("SOURCE_DATE_EPOCH={}", op.0);
     24 Seal "seal" -> (), |op| format!("seal {} into {} ({} filesystems from their trees)", op.from, op.to, op.filesystems.len());
     25 ListFiles "list-files" -> Vec<FileEntry>, |op| format!("list the files of {}", op.device);
+    26 Freeze "freeze" -> (), |_op| "freeze the image's filesystems".into();
+    27 Thaw "thaw" -> (), |_op| "thaw the image's filesystems".into();
+}
+
+impl ImageOp {
+    /// Whether the operation sets up the helper (its environment, its mounts) rather than
+    /// changing the image: what a build that resumes from a stored state does again, in
+    /// the order the plan has it, because a new helper VM has none of it.
+    pub fn sets_up_helper(&self) -> bool {
+        matches!(
+            self,
+            ImageOp::SourceDateEpoch(_) | ImageOp::Mount(_) | ImageOp::EnterChroot(_)
+        )
+    }
 }
 
 /// Writes a partition table on `disk` (or wipes its signatures when `table` is `None`)
@@ -142,6 +156,18 @@ pub struct ListPackages;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct RunChecks(pub Vec<Check>);
+
+/// Brings every filesystem mounted below the image's root to a consistent state on its
+/// disk and holds it there (`FIFREEZE`; a filesystem that cannot be frozen is synced), so
+/// that the host can keep the disk as it is now: the state after a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Freeze;
+
+/// Lets the filesystems [`Freeze`] held be written again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Thaw;
 
 /// Unmounts the image (children first), trimming unused blocks first if asked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

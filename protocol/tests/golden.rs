@@ -191,6 +191,8 @@ fn operations() -> Vec<ImageOp> {
             filesystem: Filesystem::Ext4,
         }
         .into(),
+        Freeze.into(),
+        Thaw.into(),
     ]
 }
 
@@ -243,6 +245,8 @@ fn replies() -> Vec<ImageReply> {
                 rdev: 0,
                 sha256: Some(s("ab").repeat(32)),
             }]),
+            26 => ImageReply::Freeze(()),
+            27 => ImageReply::Thaw(()),
             _ => panic!("tag {tag} has no golden reply: add one"),
         });
     }

@@ -1,7 +1,8 @@
 //! Locks: `imgvm lock` pins what a recipe installs, a build beside the lock installs
 //! exactly that, a lock naming a package the mirror no longer has fails the build
 //! before any VM starts, naming the package, and two builds from one lock are the same
-//! image, byte for byte.
+//! image, byte for byte: one from the states `imgvm lock` left in the step cache, one
+//! from an empty disk.
 
 use imgvm_e2e::{give_to_user, imgvm, run_ok, workdir};
 use std::process::Command;
@@ -103,10 +104,28 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
     assert_eq!(written["releases"], lock["releases"]);
     assert_eq!(written["source_date_epoch"], lock["source_date_epoch"]);
 
-    // Built again from the same lock, on fresh disks: the same bytes, and `imgvm diff`
-    // finds nothing.
+    // That build started from the states `imgvm lock` left in the step cache; built again
+    // from the same lock from an empty disk (`--no-cache`): the same bytes, and
+    // `imgvm diff` finds nothing.
+    let cached = |out: &std::path::Path| -> Vec<String> {
+        let manifest = json(&out.join("locked-amd64.manifest.json"));
+        let steps = manifest["steps"].as_array().unwrap().iter();
+        steps
+            .filter(|s| s["cached"] == true)
+            .map(|s| s["step"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        cached(&out),
+        ["partition and format", "step 1/3 (bootstrap)", "step 2/3 (run)"]
+    );
     let again = dir.join("out-again");
-    run_ok(imgvm(["build", "--arch", "amd64", "-o"]).arg(&again).arg(&recipe));
+    run_ok(
+        imgvm(["build", "--no-cache", "--arch", "amd64", "-o"])
+            .arg(&again)
+            .arg(&recipe),
+    );
+    assert_eq!(cached(&again), Vec::<String>::new());
     let sums = |dir: &std::path::Path| -> Vec<String> {
         let text = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
         // The manifest records the run (its times): everything else is the same.

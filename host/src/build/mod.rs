@@ -4,6 +4,7 @@
 
 mod format_ids;
 mod outputs;
+mod work_disk;
 
 use crate::archive::Fetcher;
 use crate::helper::{Helper, HelperOptions};
@@ -34,6 +35,8 @@ pub struct BuildOptions {
     pub lock: Option<LockFile>,
     /// Write only the lock (`imgvm lock`): no image, no other output.
     pub lock_only: bool,
+    /// Neither reuse nor store states of the image after its steps ([`crate::states`]).
+    pub no_cache: bool,
 }
 
 /// Wall time of one phase of the build, for the log, the manifest and `bench build`.
@@ -41,6 +44,9 @@ pub struct BuildOptions {
 pub struct Timing {
     pub step: String,
     pub seconds: f64,
+    /// The step did not run: the image as it leaves it came from the step cache.
+    #[serde(default)]
+    pub cached: bool,
 }
 
 pub struct Report {
@@ -104,9 +110,6 @@ impl TestReport {
 /// The image's disk in the staging directory, before conversion to the outputs.
 const DISK_FILE: &str = "disk.raw";
 
-/// The disk the image is built on, before it is sealed onto [`DISK_FILE`].
-const WORK_DISK_FILE: &str = "work.raw";
-
 /// The build log: every line of every step, with step boundaries and times, up to
 /// [`LOG_LIMIT`]: the guest decides how much its steps print.
 struct Log {
@@ -159,13 +162,8 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
         .with_context(|| format!("cannot write in {}", options.output.display()))?;
     let disk = staging.path().join(DISK_FILE);
     let settings = settings(&options, epoch);
-    // Built on the first disk; sealed onto the second, which is the image.
-    let mut disks = vec![staging.path().join(WORK_DISK_FILE)];
     if settings.image {
-        disks.push(disk.clone());
-    }
-    for file in &disks {
-        std::fs::File::create(file)?.set_len(recipe.disk_size.bytes())?;
+        std::fs::File::create(&disk)?.set_len(recipe.disk_size.bytes())?;
     }
     let log_path = staging.path().join(format!("{name}.build.log"));
     let mut log = Log::new(std::fs::File::create(&log_path)?);
@@ -181,9 +179,11 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
         "SOURCE_DATE_EPOCH={epoch}, release {} ({})",
         release.url, release.date
     ));
-    let result = run_steps(&options, &settings, release, &disks, staging.path(), &mut log, &cancel).await;
-    // The disk the image was built on is done with, whatever happened.
-    let _ = std::fs::remove_file(&disks[0]);
+    let sealed = settings.image.then_some(disk.as_path());
+    let result = run_steps(&options, &settings, release, sealed, staging.path(), &mut log, &cancel).await;
+    if !options.no_cache {
+        trim_states();
+    }
     let (timings, findings, lock) = match result {
         Ok(done) => done,
         Err(e) => {
@@ -260,6 +260,20 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
         seconds: started.elapsed().as_secs_f64(),
         tests,
     })
+}
+
+/// Keeps the step cache within its limit, unless another build is using it (which
+/// trims it when it ends).
+fn trim_states() {
+    if let Ok(store) = crate::states::Store::exclusive() {
+        let removed = store.trim(crate::states::limit());
+        if removed > 0 {
+            tracing::info!(
+                "step cache: removed {} of least recently used states",
+                HumanBytes(removed)
+            );
+        }
+    }
 }
 
 /// What `imgvm build --dry-run` prints: the plan this build would carry out.
@@ -347,13 +361,14 @@ async fn boot_tests(
     Ok(results)
 }
 
-/// Boots the helper with the disk, runs every step, returns the step timings, what the
-/// helper found out about the image and its lock.
+/// Boots the helper with the work disk and `sealed` (the image's), runs every step the
+/// step cache does not have, returns the step timings, what the helper found out about
+/// the image and its lock.
 async fn run_steps(
     options: &BuildOptions,
     settings: &crate::plan::Settings,
     release: LockedRelease,
-    disks: &[PathBuf],
+    sealed: Option<&Path>,
     staging: &Path,
     log: &mut Log,
     cancel: &CancellationToken,
@@ -363,7 +378,7 @@ async fn run_steps(
     let boot_started = Instant::now();
     let helper_options = HelperOptions {
         arch: recipe.arch,
-        disks: disks.to_vec(),
+        disks: Vec::new(),
         read_only: false,
         memory_mib: options.memory_mib,
         cpus: options.cpus,
@@ -372,26 +387,68 @@ async fn run_steps(
         suite: options.helper_suite.clone(),
         bare: false,
         proxy_mirrors: vec![recipe.mirror.clone()],
-        pinned: vec![release],
+        pinned: vec![release.clone()],
     };
     let fetcher = Fetcher::default();
+    let prepared = tokio::select! {
+        prepared = Helper::prepare(&helper_options, &fetcher) => prepared?,
+        _ = cancel.cancelled() => bail!("cancelled while preparing the helper VM"),
+    };
+    let plan = crate::plan::plan(recipe, settings);
+    let size = recipe.disk_size.bytes();
+    let keys = crate::states::keys(
+        &crate::states::base(&[
+            env!("CARGO_PKG_VERSION"),
+            prepared.identity(),
+            &release.sha256,
+            &recipe.arch.to_string(),
+            &size.to_string(),
+        ]),
+        &plan.phases,
+    );
+    let store = match options.no_cache {
+        true => None,
+        false => Some(crate::states::Store::open()?),
+    };
+    let arch = recipe.arch.to_string();
+    let mut work = work_disk::WorkDisk::new(store, keys, staging, size, &recipe.name, &arch).await?;
+    let mut disks = vec![work.path().to_owned()];
+    disks.extend(sealed.map(Path::to_owned));
     let mut helper = tokio::select! {
-        helper = Helper::boot(&helper_options, &fetcher) => helper?,
+        helper = prepared.boot(disks, options.boot_timeout) => helper?,
         _ = cancel.cancelled() => bail!("cancelled while starting the helper VM"),
     };
     timings.push(Timing {
         step: "boot".into(),
         seconds: boot_started.elapsed().as_secs_f64(),
+        cached: false,
     });
 
     let mut findings = Findings::default();
-    let work = async {
-        for phase in crate::plan::plan(recipe, settings).phases {
+    let resume = work.resume;
+    if resume.is_some() {
+        // apt's lists are in the stored image; the proxy learns what they list.
+        let proxy = helper.proxy.clone();
+        tokio::task::spawn_blocking(move || proxy.recall()).await?;
+    }
+    let steps = async {
+        for (index, phase) in plan.phases.into_iter().enumerate() {
+            let label = phase.label.clone();
+            if resume.is_some_and(|last| index <= last) {
+                reenter(&helper, phase, staging, &mut findings, log, cancel).await?;
+                timings.push(Timing {
+                    step: label,
+                    seconds: 0.0,
+                    cached: true,
+                });
+                continue;
+            }
             timings.push(run_phase(&helper, recipe, phase, staging, &mut findings, log, cancel).await?);
+            work.keep(&helper, index, &label, log, cancel).await?;
         }
         Ok::<_, anyhow::Error>(())
     };
-    let result = match work.await {
+    let result = match steps.await {
         Ok(()) => Ok(()),
         Err(e) => Err(helper.explain(e).await),
     };
@@ -426,12 +483,35 @@ async fn run_steps(
         log.line(&line);
     }
     let shutdown = helper.shutdown().await;
+    drop(work);
     result?;
     shutdown?;
     if let Some(locked) = &options.lock {
         locked.followed_by(&lock)?;
     }
     Ok((timings, findings, lock))
+}
+
+/// A phase whose result came from the step cache: only what it set up in the helper
+/// (mounts, the chroot, `SOURCE_DATE_EPOCH`) is done again, for the phases after it.
+async fn reenter(
+    helper: &Helper,
+    phase: Phase,
+    staging: &Path,
+    findings: &mut Findings,
+    log: &mut Log,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    tracing::info!("{}: from the step cache", phase.label);
+    log.line(&format!("== {}: from the step cache", phase.label));
+    for action in phase.actions {
+        if matches!(&action, Action::Op(op) if op.sets_up_helper()) {
+            run_action(helper, action, staging, findings, log, cancel)
+                .await
+                .with_context(|| format!("{} (again, after the step cache)", phase.label))?;
+        }
+    }
+    Ok(())
 }
 
 /// The recipe, as its lock names it.
@@ -512,7 +592,11 @@ async fn run_phase(
     };
     tracing::info!("{label}: {seconds:.1} s{fetched}");
     log.line(&format!("== {label}: {seconds:.1} s{fetched}"));
-    Ok(Timing { step: label, seconds })
+    Ok(Timing {
+        step: label,
+        seconds,
+        cached: false,
+    })
 }
 
 /// `work` ran longer than it may.
@@ -597,9 +681,10 @@ async fn run_action(
         }
         Action::RootfsTarball => {
             let tarball = staging.join("rootfs.tar");
-            // The tree cannot hold more than the disk; sparse files expanded by tar
-            // could, and then the guest is not to be believed.
-            let limit = 2 * std::fs::metadata(staging.join(WORK_DISK_FILE))?.len();
+            // The tree cannot hold more than the disk (the image's is as large as the
+            // one it is built on); sparse files expanded by tar could, and then the
+            // guest is not to be believed.
+            let limit = 2 * std::fs::metadata(staging.join(DISK_FILE))?.len();
             return crate::transfer::copy_out(session, &format!("{TARGET}/"), &tarball, Some(limit), cancel).await;
         }
     };

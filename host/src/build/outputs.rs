@@ -171,7 +171,7 @@ async fn convert(disk: &Path, out: PathBuf, args: &[&str]) -> Result<PathBuf> {
     Ok(out)
 }
 
-async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
+pub(super) async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
     let output = crate::child::command(program)
         .args(args)
         .output()

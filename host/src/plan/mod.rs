@@ -29,6 +29,10 @@ pub struct Phase {
     pub label: String,
     /// How long the phase may take before it is cancelled and the build fails.
     pub timeout: Timeout,
+    /// Whether the image as this phase leaves it may be stored and reused by a later
+    /// build ([`crate::states`]): not after a `run` step marked `cache: false`, whose
+    /// inputs imgvm does not know, nor after finalize, which leaves the image itself.
+    pub cache: bool,
     pub actions: Vec<Action>,
 }
 
@@ -109,6 +113,7 @@ pub fn plan(recipe: &Recipe, settings: &Settings) -> Plan {
     let mut phases = vec![Phase {
         label: "partition and format".into(),
         timeout: recipe.step_timeout,
+        cache: true,
         actions,
     }];
     let count = recipe.steps.len();
@@ -120,6 +125,11 @@ pub fn plan(recipe: &Recipe, settings: &Settings) -> Plan {
         phases.push(Phase {
             label: format!("step {}/{count} ({})", i + 1, step.kind()),
             timeout: timeout.unwrap_or(recipe.step_timeout),
+            cache: match step {
+                Step::Run(run) => run.cache,
+                Step::Finalize(_) => false,
+                _ => true,
+            },
             actions: step_actions(recipe, step, settings, &ids),
         });
     }

@@ -117,6 +117,23 @@ impl Known {
     }
 }
 
+impl Known {
+    /// Learns every package index that a verified release lists and `store` holds.
+    pub fn recall(&self, store: &Path) {
+        let stored: Vec<String> = self
+            .indexes
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|sha256| store.join(sha256).is_file())
+            .cloned()
+            .collect();
+        for sha256 in stored {
+            self.index(&sha256, &store.join(&sha256));
+        }
+    }
+}
+
 /// The checksum a `…/by-hash/SHA256/<hex>` path names.
 fn by_hash(path: &str) -> Option<&str> {
     let (_, hex) = path.rsplit_once("/by-hash/SHA256/")?;

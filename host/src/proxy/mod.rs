@@ -129,6 +129,21 @@ impl Proxy {
         }
     }
 
+    /// Learns the pinned releases and the package indices of theirs that the verified
+    /// cache holds, as if the guest had fetched them: a build that resumes from a stored
+    /// state ([`crate::states`]) has apt's lists in the image already, and apt fetches
+    /// packages without fetching the indices that list them again.
+    pub fn recall(&self) {
+        let pinned = self.pinned.lock().unwrap().clone();
+        for (url, sha256) in pinned {
+            let Some(at) = url.find("/dists/") else { continue };
+            if let Ok(body) = std::fs::read(self.store.join(&sha256)) {
+                self.known.release(&url, &url[at + 1..], &body);
+            }
+        }
+        self.known.recall(&self.store);
+    }
+
     /// The releases it verified and the packages their indices list, for the lock.
     pub fn listed(&self) -> crate::lock::Listed {
         self.known.listed()

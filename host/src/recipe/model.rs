@@ -372,6 +372,12 @@ pub struct Run {
     pub env: BTreeMap<String, String>,
     /// How long it may take, instead of the recipe's `step_timeout`.
     pub timeout: Option<super::Timeout>,
+    /// Whether the build may reuse the image as a previous build left it after this
+    /// step. imgvm knows a script only by its text: one that fetches something, or reads
+    /// the date, says `cache: false`, and then runs, with every step after it, in every
+    /// build.
+    #[serde(default = "yes")]
+    pub cache: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

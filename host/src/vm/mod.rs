@@ -40,6 +40,8 @@ pub struct Vm {
     transport: vsock::Transport,
     console: console::Console,
     qmp_path: PathBuf,
+    /// Snapshots taken, for naming the next one's node.
+    snapshots: std::sync::atomic::AtomicU32,
     proxy_task: Option<tokio::task::JoinHandle<()>>,
     pub accel: Accel,
     // Last: removed after the processes that use it are gone.
@@ -69,6 +71,7 @@ impl Vm {
                         transport,
                         console,
                         qmp_path: dir.path().join("qmp.sock"),
+                        snapshots: Default::default(),
                         proxy_task: None,
                         accel: config.accel,
                         _dir: dir,
@@ -157,6 +160,14 @@ impl Vm {
                 tokio::spawn(proxy.clone().serve(reader, writer));
             }
         }));
+    }
+
+    /// Keeps disk `index` as it is now: `overlay` (an empty qcow2 whose header names
+    /// what it is backed by) becomes its top, and the file that was the top is no longer
+    /// written. The guest must have frozen its filesystems first.
+    pub async fn snapshot_disk(&self, index: usize, overlay: &Path) -> Result<()> {
+        let n = self.snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        qmp::snapshot(&self.qmp_path, &format!("disk{index}"), overlay, &format!("state{n}")).await
     }
 
     /// qemu's run state (`running`, `io-error`, `guest-panicked`, ...), if it answers.

@@ -1,0 +1,163 @@
+//! The step cache: a build starts from the state the cache has after the last step that
+//! did not change, runs only the steps from the first changed one on, and its image has
+//! the change (read from outside imgvm, with debugfs); a build interrupted while it
+//! stores a state leaves nothing that the next build would take for a state.
+
+use imgvm_e2e::{give_to_user, imgvm, run_ok, user_cache_dir, workdir};
+use std::io::BufRead;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// The smallest recipe that bootstraps, then a `run` and a `file` step. No partition
+/// table: the raw image is the ext4, which debugfs reads as it is.
+fn recipe(name: &str, run: &str, file: &str) -> String {
+    format!(
+        "name: {name}
+suite: trixie
+disk:
+  size: 1GiB
+  table: none
+  partitions:
+    - {{name: root, type: root, filesystem: ext4, mount: /}}
+steps:
+  - bootstrap: {{variant: essential}}
+  - run: {{script: 'echo {run} > /etc/imgvm-run'}}
+  - file: {{path: /etc/motd, content: \"{file}\\n\"}}
+outputs: [raw]
+"
+    )
+}
+
+/// Builds `recipe` (named `name`) into `out`: each step and whether it came from the
+/// step cache, as the manifest says, in order.
+fn build(recipe: &Path, name: &str, out: &Path) -> Vec<(String, bool)> {
+    run_ok(imgvm(["build", "--arch", "amd64", "-o"]).arg(out).arg(recipe));
+    let manifest = std::fs::read(out.join(format!("{name}-amd64.manifest.json"))).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    manifest["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_str().unwrap().to_owned(), s["cached"] == true))
+        .collect()
+}
+
+/// The steps that came from the cache.
+fn reused(steps: &[(String, bool)]) -> Vec<&str> {
+    steps
+        .iter()
+        .filter(|(_, cached)| *cached)
+        .map(|(s, _)| s.as_str())
+        .collect()
+}
+
+/// A file of the image, read with debugfs.
+fn file_in(raw: &Path, path: &str) -> String {
+    run_ok(Command::new("debugfs").arg("-R").arg(format!("cat {path}")).arg(raw))
+}
+
+/// Every stored state is whole: a qcow2 that `qemu-img check` passes, with its
+/// description; no partial file is left.
+fn assert_states_whole(states: &Path) {
+    for entry in std::fs::read_dir(states).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with(".imgvm-"), "{name} left in {}", states.display());
+        if let Some(key) = name.strip_suffix(".qcow2") {
+            assert!(
+                states.join(format!("{key}.json")).is_file(),
+                "{name} has no description"
+            );
+            run_ok(Command::new("qemu-img").args(["check", "-q"]).arg(entry.path()));
+        }
+    }
+}
+
+#[test]
+fn a_rebuild_runs_only_the_changed_steps_and_an_interrupted_store_is_not_reused() {
+    let dir = workdir("step-cache");
+    // A name no earlier run used: the first build finds nothing of its own stored.
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let name = format!("cached-{stamp:x}");
+    let path = dir.join("recipe.yaml");
+    let write = |run: &str, file: &str| {
+        std::fs::write(&path, recipe(&name, run, file)).unwrap();
+        give_to_user(&path);
+    };
+    let out = |n: &str| {
+        let out = dir.join(n);
+        std::fs::create_dir(&out).unwrap();
+        give_to_user(&out);
+        out
+    };
+    let states = user_cache_dir().join("states");
+    write("one", "first");
+
+    // Ctrl-C as the build stores its first state: it stops, and leaves no partial state.
+    let interrupted = out("interrupted");
+    let mut child = imgvm(["--log-format", "json", "build", "--arch", "amd64", "-o"])
+        .arg(&interrupted)
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut stderr = String::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        stderr.push_str(&line);
+        stderr.push('\n');
+        if line.contains("storing its state in the step cache") {
+            // SAFETY: kill(2) on the process group we started.
+            assert_eq!(unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) }, 0);
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert_states_whole(&states);
+
+    // Built whole (the first state, if it was stored before the Ctrl-C, may be reused).
+    let first = build(&path, &name, &out("first"));
+    let raw = |out: &Path| out.join(format!("{name}-amd64.raw"));
+    assert!(reused(&first).iter().all(|s| *s == "partition and format"), "{first:?}");
+    assert_eq!(
+        first.len(),
+        6,
+        "boot, partition, bootstrap, run, file, finalize: {first:?}"
+    );
+    assert_states_whole(&states);
+
+    // The last step changed: everything before it comes from the cache.
+    write("one", "second");
+    let second_out = out("second");
+    let second = build(&path, &name, &second_out);
+    assert_eq!(
+        reused(&second),
+        ["partition and format", "step 1/4 (bootstrap)", "step 2/4 (run)"],
+        "{second:?}"
+    );
+    assert_eq!(file_in(&raw(&second_out), "/etc/motd"), "second\n");
+    assert_eq!(file_in(&raw(&second_out), "/etc/imgvm-run"), "one\n");
+
+    // An earlier step changed: the build runs again from there.
+    write("two", "second");
+    let third_out = out("third");
+    let third = build(&path, &name, &third_out);
+    assert_eq!(
+        reused(&third),
+        ["partition and format", "step 1/4 (bootstrap)"],
+        "{third:?}"
+    );
+    assert_eq!(file_in(&raw(&third_out), "/etc/imgvm-run"), "two\n");
+    assert_eq!(file_in(&raw(&third_out), "/etc/motd"), "second\n");
+
+    // `imgvm cache info` lists the recipe's states.
+    let info = run_ok(&mut imgvm(["cache", "info"]));
+    assert!(info.contains(&format!("{name} (amd64)")), "{info}");
+    assert!(info.contains("step 2/4 (run)"), "{info}");
+}

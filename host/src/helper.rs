@@ -64,6 +64,11 @@ impl Prepared {
         &self.identity
     }
 
+    /// What the appliance consists of, for the lock of what it builds.
+    pub fn appliance(&self) -> HelperLock {
+        self.built_from.clone()
+    }
+
     /// Boots the helper with `disks` attached, trying KVM first where it may work.
     pub async fn boot(self, disks: Vec<PathBuf>, timeout: Duration) -> Result<Helper> {
         let Prepared {

@@ -66,6 +66,10 @@ pub struct Meta {
     pub arch: String,
     /// The step it is the state after, as the build named it (`step 3/12 (apt)`).
     pub step: String,
+    /// Only for the state after the last step, which is the finished image itself (not a
+    /// delta): what the build found out about it, as `build` records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
 }
 
 /// One stored state, for `imgvm cache info` and trimming.
@@ -139,19 +143,33 @@ impl Store {
         format!("{key}.qcow2")
     }
 
-    /// The state after the last phase of `keys` that has one, with the states before it
-    /// (each stored state's parent is stored: they are removed together). Marks the
-    /// states used.
+    /// The last phase of the longest prefix of `keys` whose states are all stored: the
+    /// chain the build's disk can start on. Marks those states used.
     pub fn resume_point(&self, keys: &[Option<String>]) -> Option<usize> {
-        let found = keys.iter().rposition(|key| {
-            key.as_ref()
-                .is_some_and(|k| self.dir.join(Store::file_name(k)).is_file())
-        })?;
+        let stored = keys
+            .iter()
+            .take_while(|key| {
+                key.as_ref()
+                    .is_some_and(|k| self.dir.join(Store::file_name(k)).is_file())
+            })
+            .count();
+        let found = stored.checked_sub(1)?;
         let now = SystemTime::now();
         for key in keys[..=found].iter().flatten() {
             let _ = File::open(self.dir.join(format!("{key}.json"))).and_then(|f| f.set_modified(now));
         }
         Some(found)
+    }
+
+    /// The description of the stored state `key`, marked used.
+    pub fn meta(&self, key: &str) -> Option<Meta> {
+        if !self.dir.join(Store::file_name(key)).is_file() {
+            return None;
+        }
+        let json = self.dir.join(format!("{key}.json"));
+        let meta = serde_json::from_slice(&std::fs::read(&json).ok()?).ok()?;
+        let _ = File::open(&json).and_then(|f| f.set_modified(SystemTime::now()));
+        Some(meta)
     }
 
     /// Stores `file` (complete: nothing writes it any more) as the state `key`. False
@@ -241,15 +259,17 @@ impl Store {
         removed
     }
 
-    /// Removes every state; the bytes removed. Needs the store held exclusively.
+    /// Removes every state, and descriptions a killed build left without one; the bytes
+    /// removed. Needs the store held exclusively.
     pub fn clean(&self) -> u64 {
-        self.entries()
-            .into_iter()
-            .map(|e| {
-                self.remove(&e.key);
-                e.bytes
-            })
-            .sum()
+        let removed = self.entries().into_iter().map(|e| e.bytes).sum();
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json" || e == "qcow2") {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        removed
     }
 
     /// The state file first: without it the description describes nothing.
@@ -334,6 +354,7 @@ mod tests {
             recipe: "r".into(),
             arch: "amd64".into(),
             step: key.into(),
+            result: None,
         };
         assert!(store.commit(file, key, &meta).unwrap());
     }
@@ -367,6 +388,9 @@ mod tests {
         state(&store, "b", Some("a"), 1);
         assert_eq!(store.resume_point(&keys), Some(1));
         assert_eq!(store.resume_point(&[Some("a".into()), None]), Some(0));
+        // A chain with a state missing (removed by hand) is used only up to the gap.
+        std::fs::remove_file(dir.path().join("a.qcow2")).unwrap();
+        assert_eq!(store.resume_point(&keys), None);
     }
 
     #[test]
@@ -402,14 +426,24 @@ mod tests {
     }
 
     #[test]
-    fn a_store_in_use_cannot_be_cleaned() {
+    fn a_store_in_use_cannot_be_cleaned_and_a_free_one_is_emptied() {
         let dir = tempfile::tempdir().unwrap();
-        let _build = store(dir.path());
+        let build = store(dir.path());
         assert!(matches!(
             Store::open_in(dir.path(), libc::LOCK_EX | libc::LOCK_NB),
             Err(StoreError::Busy(_))
         ));
-        drop(_build);
-        assert!(Store::open_in(dir.path(), libc::LOCK_EX | libc::LOCK_NB).is_ok());
+        state(&build, "a", None, 4096);
+        // What a build killed between a description and its state leaves.
+        std::fs::write(dir.path().join("b.json"), b"{}").unwrap();
+        drop(build);
+        let store = Store::open_in(dir.path(), libc::LOCK_EX | libc::LOCK_NB).unwrap();
+        assert_eq!(store.clean(), 4096);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, [".lock"]);
     }
 }

@@ -5,11 +5,13 @@ use imgvm_e2e::{imgvm, workdir};
 use std::path::Path;
 
 /// Builds `recipe` (written into `dir`) and returns imgvm's stderr and the log it left.
+/// From an empty disk: what the build fetches must not depend on what earlier runs left
+/// in the step cache.
 fn failed_build(dir: &Path, name: &str, recipe: &str) -> (String, String) {
     let file = dir.join(format!("{name}.yaml"));
     std::fs::write(&file, recipe).unwrap();
     let out = dir.join(format!("out-{name}"));
-    let output = imgvm(["--log-format", "json", "build"])
+    let output = imgvm(["--log-format", "json", "build", "--no-cache"])
         .arg(&file)
         .args(["--arch", "amd64", "-o"])
         .arg(&out)

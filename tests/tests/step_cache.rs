@@ -96,7 +96,8 @@ fn a_rebuild_runs_only_the_changed_steps_and_an_interrupted_store_is_not_reused(
     let states = user_cache_dir().join("states");
     write("one", "first");
 
-    // Ctrl-C as the build stores its first state: it stops, and leaves no partial state.
+    // Ctrl-C as the build stores its first state: it stops, saying so, and leaves no
+    // partial state.
     let interrupted = out("interrupted");
     let mut child = imgvm(["--log-format", "json", "build", "--arch", "amd64", "-o"])
         .arg(&interrupted)
@@ -107,18 +108,22 @@ fn a_rebuild_runs_only_the_changed_steps_and_an_interrupted_store_is_not_reused(
         .spawn()
         .unwrap();
     let mut stderr = String::new();
+    let mut signalled = false;
+    // Read to the end: imgvm goes on logging while it stops.
     for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
         let line = line.unwrap();
         stderr.push_str(&line);
         stderr.push('\n');
-        if line.contains("storing its state in the step cache") {
+        if !signalled && line.contains("storing its state in the step cache") {
             // SAFETY: kill(2) on the process group we started.
             assert_eq!(unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) }, 0);
-            break;
+            signalled = true;
         }
     }
+    assert!(signalled, "no state was stored:\n{stderr}");
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cancelled"), "{stderr}");
     assert_states_whole(&states);
 
     // Built whole (the first state, if it was stored before the Ctrl-C, may be reused).
@@ -155,6 +160,31 @@ fn a_rebuild_runs_only_the_changed_steps_and_an_interrupted_store_is_not_reused(
     );
     assert_eq!(file_in(&raw(&third_out), "/etc/imgvm-run"), "two\n");
     assert_eq!(file_in(&raw(&third_out), "/etc/motd"), "second\n");
+
+    // Nothing changed: the finished image itself comes from the cache, no helper boots,
+    // and it is the same image, byte for byte.
+    let fourth_out = out("fourth");
+    let fourth = build(&path, &name, &fourth_out);
+    let phases = [
+        "partition and format",
+        "step 1/4 (bootstrap)",
+        "step 2/4 (run)",
+        "step 3/4 (file)",
+    ];
+    assert_eq!(
+        reused(&fourth),
+        [&phases[..], &["step 4/4 (finalize)"]].concat(),
+        "{fourth:?}"
+    );
+    assert_eq!(fourth.len(), 5, "no helper VM booted: {fourth:?}");
+    let sum = |out: &Path| {
+        run_ok(Command::new("sha256sum").arg(raw(out)))
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(sum(&fourth_out), sum(&third_out));
 
     // `imgvm cache info` lists the recipe's states.
     let info = run_ok(&mut imgvm(["cache", "info"]));

@@ -9,6 +9,11 @@
 //! `cargo xtask bench reproducible RECIPE [ARCH]`: the recipe built twice from one lock
 //! (the first build's), each from empty disks; the time of each and the SHA256 of every
 //! output, and `imgvm diff --files` of the two when they differ.
+//!
+//! `cargo xtask bench rebuild`: the default recipe (renamed, so that the step cache has
+//! nothing of it yet) built cold, then again unchanged, after a change to its last `file`
+//! step, and after a small package added in a late `apt` step; the time of each and the
+//! steps it took from the step cache.
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
@@ -19,7 +24,8 @@ pub fn run(args: &[&str]) -> Result<()> {
         Some(&"build") => build(),
         Some(&"peak-memory") => peak_memory(&args[1..]),
         Some(&"reproducible") => reproducible(&args[1..]),
-        _ => bail!("usage: cargo xtask bench build | boot [ARCH[=SUITE]...] | reproducible RECIPE [ARCH]"),
+        Some(&"rebuild") => rebuild(),
+        _ => bail!("usage: cargo xtask bench build | boot [ARCH[=SUITE]...] | reproducible RECIPE [ARCH] | rebuild"),
     }
 }
 
@@ -31,7 +37,7 @@ fn build() -> Result<()> {
     let status = Command::new(std::env::current_exe()?)
         .args(["bench", "peak-memory"])
         .arg(&bin)
-        .args(["build", "-o"])
+        .args(["build", "--no-cache", "-o"])
         .arg(&out)
         .status()
         .context("running imgvm")?;
@@ -76,7 +82,10 @@ fn reproducible(args: &[&str]) -> Result<()> {
     for (i, out) in dirs.iter().enumerate() {
         let started = std::time::Instant::now();
         let mut build = Command::new(&bin);
-        build.args(["build", "--arch", arch, "-o"]).arg(out).arg(recipe);
+        build
+            .args(["build", "--no-cache", "--arch", arch, "-o"])
+            .arg(out)
+            .arg(recipe);
         match i {
             // The first ignores a lock beside the recipe; the second follows the first's.
             0 => build.arg("--no-lock"),
@@ -107,6 +116,67 @@ fn reproducible(args: &[&str]) -> Result<()> {
     let _ = std::fs::remove_dir_all(&base);
     if !identical {
         bail!("the two builds differ");
+    }
+    Ok(())
+}
+
+fn rebuild() -> Result<()> {
+    crate::exec(crate::cargo().args(["build", "--quiet", "--release", "--package", "imgvm"]))?;
+    let bin = crate::agents("release")?.join("imgvm");
+    let base = std::env::temp_dir().join(format!("imgvm-bench-rebuild-{}", std::process::id()));
+    let recipes = base.join("recipes");
+    std::fs::create_dir_all(&base)?;
+    crate::exec(Command::new("cp").arg("-r").arg("images/debian").arg(&recipes))?;
+    let recipe = recipes.join("trixie-nocloud.yaml");
+    let edit = |file: &std::path::Path, from: &str, to: &str| -> Result<()> {
+        let text = std::fs::read_to_string(file)?;
+        if !text.contains(from) {
+            bail!("{} has no `{from}`", file.display());
+        }
+        Ok(std::fs::write(file, text.replacen(from, to, 1))?)
+    };
+    let name = format!("name: debian-13-nocloud-bench-{}", std::process::id());
+    edit(&recipe, "name: debian-13-nocloud", &name)?;
+    let mut rows = Vec::new();
+    let mut build = |what: &str| -> Result<()> {
+        let out = base.join(format!("out-{}", rows.len()));
+        let started = std::time::Instant::now();
+        let status = Command::new(&bin)
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(&recipe)
+            .status()
+            .context("running imgvm")?;
+        if !status.success() {
+            bail!("build `{what}` failed ({status})");
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let manifest = std::fs::read_dir(&out)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(".manifest.json"))
+            .context("no manifest in the output")?;
+        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest)?)?;
+        let steps = manifest["steps"].as_array().context("no steps in the manifest")?;
+        let reused = steps.iter().filter(|s| s["cached"] == true).count();
+        let of = steps.iter().filter(|s| s["step"] != "boot").count();
+        rows.push(format!(
+            "{seconds:>9.1}  {what} ({reused} of {of} steps from the cache)"
+        ));
+        Ok(())
+    };
+    build("cold")?;
+    build("nothing changed")?;
+    edit(&recipes.join("parts/nocloud.yaml"), "version: 2", "version: 2 # edited")?;
+    build("last file step changed")?;
+    let mut text = std::fs::read_to_string(&recipe)?;
+    text.push_str("steps:\n  - apt: {install: [hello]}\n");
+    std::fs::write(&recipe, text)?;
+    build("package added in a late apt step")?;
+    let _ = std::fs::remove_dir_all(&base);
+    println!("{:>9}  build", "seconds");
+    for row in rows {
+        println!("{row}");
     }
     Ok(())
 }

@@ -56,15 +56,16 @@ pub struct Report {
     pub tests: Option<TestReport>,
 }
 
-/// What the helper VM found out about the finished image.
-#[derive(Default)]
+/// What the helper VM found out about the finished image (kept with it in the step
+/// cache).
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 struct Findings {
     packages: Vec<imgvm_protocol::Package>,
     checks: Vec<CheckOutcome>,
 }
 
 /// One offline check's result, as reports show it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CheckOutcome {
     pub name: String,
     pub passed: bool,
@@ -412,6 +413,14 @@ async fn run_steps(
     };
     let arch = recipe.arch.to_string();
     let mut work = work_disk::WorkDisk::new(store, keys, staging, size, &recipe.name, &arch).await?;
+    if let (Some(sealed), Some((image, result))) = (sealed, work.finished()) {
+        return reuse_finished(
+            options, settings, &plan, &prepared, release, &image, result, sealed, log,
+        )
+        .await;
+    }
+    let last = plan.phases.len() - 1;
+    let last_label = plan.phases[last].label.clone();
     let mut disks = vec![work.path().to_owned()];
     disks.extend(sealed.map(Path::to_owned));
     let mut helper = tokio::select! {
@@ -434,6 +443,9 @@ async fn run_steps(
     let steps = async {
         for (index, phase) in plan.phases.into_iter().enumerate() {
             let label = phase.label.clone();
+            if cancel.is_cancelled() {
+                bail!("cancelled before {label}");
+            }
             if resume.is_some_and(|last| index <= last) {
                 reenter(&helper, phase, staging, &mut findings, log, cancel).await?;
                 timings.push(Timing {
@@ -444,7 +456,9 @@ async fn run_steps(
                 continue;
             }
             timings.push(run_phase(&helper, recipe, phase, staging, &mut findings, log, cancel).await?);
-            work.keep(&helper, index, &label, log, cancel).await?;
+            if index < last {
+                work.keep(&helper, index, &label, log, cancel).await?;
+            }
         }
         Ok::<_, anyhow::Error>(())
     };
@@ -461,13 +475,38 @@ async fn run_steps(
     log.line(&format!(
         "package proxy: {downloaded} .deb downloaded, {cached} from the cache"
     ));
-    let lock = Lock::new(
-        subject(recipe),
-        settings.epoch,
-        &findings.packages,
+    let lock = lock_of(
+        recipe,
+        settings,
+        &findings,
         &helper.proxy.listed(),
         helper.appliance.clone(),
+        log,
     );
+    let shutdown = helper.shutdown().await;
+    result?;
+    shutdown?;
+    if let Some(locked) = &options.lock {
+        locked.followed_by(&lock)?;
+    }
+    if let Some(sealed) = sealed {
+        work.keep_finished(sealed, &last_label, serde_json::to_value(&findings)?, log)
+            .await;
+    }
+    Ok((timings, findings, lock))
+}
+
+/// The lock of what the build installed, from what the proxy learnt from signed indices;
+/// installed packages that no index read lists are named in the log.
+fn lock_of(
+    recipe: &Recipe,
+    settings: &crate::plan::Settings,
+    findings: &Findings,
+    listed: &crate::lock::Listed,
+    appliance: crate::lock::HelperLock,
+    log: &mut Log,
+) -> Lock {
+    let lock = Lock::new(subject(recipe), settings.epoch, &findings.packages, listed, appliance);
     if !lock.unlisted.is_empty() {
         let names: Vec<_> = lock
             .unlisted
@@ -482,10 +521,48 @@ async fn run_steps(
         tracing::warn!("{line}");
         log.line(&line);
     }
-    let shutdown = helper.shutdown().await;
-    drop(work);
-    result?;
-    shutdown?;
+    lock
+}
+
+/// A build whose every phase the step cache has, down to the finished image: no helper
+/// VM boots. The image is the stored one, what the build found out about it is the
+/// stored result, and the lock is made from the pinned release's indices in the
+/// verified cache, as a build's proxy would have learnt them.
+#[allow(clippy::too_many_arguments)]
+async fn reuse_finished(
+    options: &BuildOptions,
+    settings: &crate::plan::Settings,
+    plan: &crate::plan::Plan,
+    prepared: &crate::helper::Prepared,
+    release: LockedRelease,
+    image: &Path,
+    result: serde_json::Value,
+    sealed: &Path,
+    log: &mut Log,
+) -> Result<(Vec<Timing>, Findings, Lock)> {
+    let recipe = &options.recipe;
+    let findings: Findings = serde_json::from_value(result).context("the step cache's finished image")?;
+    let mut timings = Vec::new();
+    for phase in &plan.phases {
+        tracing::info!("{}: from the step cache", phase.label);
+        log.line(&format!("== {}: from the step cache", phase.label));
+        timings.push(Timing {
+            step: phase.label.clone(),
+            seconds: 0.0,
+            cached: true,
+        });
+    }
+    let args = ["convert", "-f", "qcow2", "-O", "raw"].map(std::ffi::OsStr::new);
+    outputs::run(
+        "qemu-img",
+        &[&args[..], &[image.as_os_str(), sealed.as_os_str()]].concat(),
+    )
+    .await?;
+    let proxy = crate::proxy::Proxy::new(std::slice::from_ref(&recipe.mirror), Fetcher::default());
+    proxy.pin(&[release]);
+    let learnt = proxy.clone();
+    tokio::task::spawn_blocking(move || learnt.recall()).await?;
+    let lock = lock_of(recipe, settings, &findings, &proxy.listed(), prepared.appliance(), log);
     if let Some(locked) = &options.lock {
         locked.followed_by(&lock)?;
     }

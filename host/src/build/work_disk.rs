@@ -42,7 +42,9 @@ impl WorkDisk {
         recipe: &str,
         arch: &str,
     ) -> Result<WorkDisk> {
-        let resume = store.as_ref().and_then(|s| s.resume_point(&keys));
+        // The last phase's state is the finished image, not a disk to go on with.
+        let before_last = &keys[..keys.len().saturating_sub(1)];
+        let resume = store.as_ref().and_then(|s| s.resume_point(before_last));
         let dir = store.as_ref().map_or(staging, Store::dir);
         let backing = resume.and_then(|i| keys[i].as_deref());
         let top = overlay(dir, backing, size).await?;
@@ -60,6 +62,54 @@ impl WorkDisk {
 
     pub fn path(&self) -> &Path {
         self.top.path()
+    }
+
+    /// The finished image a build with every one of these keys stored, and what that
+    /// build found out about it.
+    pub fn finished(&self) -> Option<(std::path::PathBuf, serde_json::Value)> {
+        let store = self.store.as_ref()?;
+        let last = self.keys.len().checked_sub(1)?;
+        if self.resume != last.checked_sub(1) {
+            return None;
+        }
+        let key = self.keys[last].as_deref()?;
+        let result = store.meta(key)?.result?;
+        Some((store.dir().join(Store::file_name(key)), result))
+    }
+
+    /// Stores the finished image (`sealed`, raw) as the state after the last phase
+    /// (`label`), with `result`, what the build found out about it; a copy in qcow2, so
+    /// it takes only the space its data does. A failure to store it is logged.
+    pub async fn keep_finished(&self, sealed: &Path, label: &str, result: serde_json::Value, log: &mut Log) {
+        let (Some(store), Some(Some(key))) = (&self.store, self.keys.last()) else {
+            return;
+        };
+        if !self.storing {
+            return;
+        }
+        let stored = async {
+            let file = crate::leftovers::partial_file(store.dir())?;
+            let args = ["convert", "-f", "raw", "-O", "qcow2"].map(std::ffi::OsStr::new);
+            let paths = [sealed.as_os_str(), file.path().as_os_str()];
+            run("qemu-img", &[&args[..], &paths[..]].concat()).await?;
+            let meta = Meta {
+                parent: self.keys.len().checked_sub(2).and_then(|i| self.keys[i].clone()),
+                recipe: self.recipe.clone(),
+                arch: self.arch.clone(),
+                step: label.to_owned(),
+                result: Some(result),
+            };
+            let (store, key) = (store.clone(), key.clone());
+            Ok::<_, anyhow::Error>(tokio::task::spawn_blocking(move || store.commit(file, &key, &meta)).await??)
+        };
+        match stored.await {
+            Ok(true) => log.line(&format!("== {label}: the finished image kept in the step cache")),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!("the step cache: cannot keep the finished image: {e:#}");
+                log.line(&format!("== {label}: cannot keep the finished image: {e:#}"));
+            }
+        }
     }
 
     /// Keeps the disk as phase `index` (`label`) left it, if its state may be kept: the
@@ -96,6 +146,7 @@ impl WorkDisk {
             recipe: self.recipe.clone(),
             arch: self.arch.clone(),
             step: label.to_owned(),
+            result: None,
         };
         let store = store.clone();
         let stored = tokio::task::spawn_blocking(move || store.commit(done, &key, &meta)).await?;

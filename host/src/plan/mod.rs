@@ -31,7 +31,9 @@ pub struct Phase {
     pub timeout: Timeout,
     /// Whether the image as this phase leaves it may be stored and reused by a later
     /// build ([`crate::states`]): not after a `run` step marked `cache: false`, whose
-    /// inputs imgvm does not know, nor after finalize, which leaves the image itself.
+    /// inputs imgvm does not know. After finalize the state is the sealed image with
+    /// what the build found out about it; not when the build also takes the tree out
+    /// as a tarball, which is not kept.
     pub cache: bool,
     pub actions: Vec<Action>,
 }
@@ -122,15 +124,17 @@ pub fn plan(recipe: &Recipe, settings: &Settings) -> Plan {
             Step::Run(run) => run.timeout,
             _ => None,
         };
+        let actions = step_actions(recipe, step, settings, &ids);
+        let cache = match step {
+            Step::Run(run) => run.cache,
+            Step::Finalize(_) => !actions.iter().any(|a| matches!(a, Action::RootfsTarball)),
+            _ => true,
+        };
         phases.push(Phase {
             label: format!("step {}/{count} ({})", i + 1, step.kind()),
             timeout: timeout.unwrap_or(recipe.step_timeout),
-            cache: match step {
-                Step::Run(run) => run.cache,
-                Step::Finalize(_) => false,
-                _ => true,
-            },
-            actions: step_actions(recipe, step, settings, &ids),
+            cache,
+            actions,
         });
     }
     Plan {

@@ -115,9 +115,7 @@ impl Known {
             Err(e) => tracing::debug!("package proxy: cannot read index {sha256}: {e:#}"),
         }
     }
-}
 
-impl Known {
     /// Learns every package index that a verified release lists and `store` holds.
     pub fn recall(&self, store: &Path) {
         let stored: Vec<String> = self
@@ -207,6 +205,27 @@ mod tests {
         assert_eq!(lock.packages[0].archive, "http://m/debian");
         assert_eq!(lock.packages[0].filename, "pool/main/f/foo/foo_1_amd64.deb");
         assert_eq!(lock.packages[0].sha256, "abc");
+    }
+
+    #[test]
+    fn the_stored_indices_of_a_known_release_are_recalled() {
+        let store = tempfile::tempdir().unwrap();
+        let package = "Package: foo\nVersion: 1\nArchitecture: amd64\nFilename: pool/main/f/foo/foo_1_amd64.deb\nSize: 3\nSHA256: abc\n\n";
+        std::fs::write(store.path().join("feed"), package).unwrap();
+        let known = Known::default();
+        for (sha256, path) in [
+            ("feed", "main/binary-amd64/Packages"),
+            ("gone", "main/binary-arm64/Packages"),
+        ] {
+            let index = Index {
+                mirror: "http://m/debian".into(),
+                path: path.into(),
+            };
+            known.indexes.lock().unwrap().insert(sha256.into(), index);
+        }
+        assert_eq!(known.expected("pool/main/f/foo/foo_1_amd64.deb"), None);
+        known.recall(store.path());
+        assert_eq!(known.expected("pool/main/f/foo/foo_1_amd64.deb").unwrap().sha256, "abc");
     }
 
     #[test]

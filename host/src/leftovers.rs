@@ -98,7 +98,8 @@ pub fn sweep_dirs(parent: &Path, prefix: &str) {
     }
 }
 
-fn sweep_partial_files(dir: &Path) {
+/// Removes every partial file in `dir` whose owner is gone.
+pub fn sweep_partial_files(dir: &Path) {
     for path in entries(dir, PARTIAL) {
         if abandoned_file(&path) {
             tracing::info!("removing {} (left by a run that was killed)", path.display());

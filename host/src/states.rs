@@ -100,12 +100,12 @@ pub enum StoreError {
 impl Store {
     /// The store in imgvm's cache, held shared: other builds may use it at once.
     pub fn open() -> Result<Store, StoreError> {
-        Store::open_in(&crate::cache::dir().join("states"), libc::LOCK_SH)
+        Store::open_in(&dir(), libc::LOCK_SH)
     }
 
     /// The store held exclusively, if no build is using it.
     pub fn exclusive() -> Result<Store, StoreError> {
-        Store::open_in(&crate::cache::dir().join("states"), libc::LOCK_EX | libc::LOCK_NB)
+        Store::open_in(&dir(), libc::LOCK_EX | libc::LOCK_NB)
     }
 
     fn open_in(dir: &Path, how: libc::c_int) -> Result<Store, StoreError> {
@@ -295,6 +295,11 @@ fn descendants(entries: &[Entry], key: &str) -> Vec<String> {
     }
     out.reverse();
     out
+}
+
+/// Where the states are: `states` in imgvm's cache.
+pub fn dir() -> PathBuf {
+    crate::cache::dir().join("states")
 }
 
 /// How large the step cache may grow: `$IMGVM_STATE_CACHE_LIMIT` (a size such as

@@ -264,8 +264,10 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
 }
 
 /// Keeps the step cache within its limit, unless another build is using it (which
-/// trims it when it ends).
+/// trims it when it ends). First removes the disks of builds that were killed: the sweep
+/// when this build started may have come too soon after one died to be sure it had.
 fn trim_states() {
+    crate::leftovers::sweep_partial_files(&crate::states::dir());
     if let Ok(store) = crate::states::Store::exclusive() {
         let removed = store.trim(crate::states::limit());
         if removed > 0 {

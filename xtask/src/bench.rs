@@ -44,12 +44,7 @@ fn build() -> Result<()> {
     if !status.success() {
         bail!("imgvm build failed ({status})");
     }
-    let manifest = std::fs::read_dir(&out)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with(".manifest.json"))
-        .context("no manifest in the output")?;
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest)?)?;
+    let manifest = manifest_in(&out)?;
     let _ = std::fs::remove_dir_all(&out);
     println!("{:>9}  step", "seconds");
     for step in manifest["steps"].as_array().context("no steps in the manifest")? {
@@ -151,12 +146,7 @@ fn rebuild() -> Result<()> {
             bail!("build `{what}` failed ({status})");
         }
         let seconds = started.elapsed().as_secs_f64();
-        let manifest = std::fs::read_dir(&out)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.to_string_lossy().ends_with(".manifest.json"))
-            .context("no manifest in the output")?;
-        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest)?)?;
+        let manifest = manifest_in(&out)?;
         let steps = manifest["steps"].as_array().context("no steps in the manifest")?;
         let reused = steps.iter().filter(|s| s["cached"] == true).count();
         let of = steps.iter().filter(|s| s["step"] != "boot").count();
@@ -179,6 +169,16 @@ fn rebuild() -> Result<()> {
         println!("{row}");
     }
     Ok(())
+}
+
+/// The manifest of the build written into `dir`.
+fn manifest_in(dir: &std::path::Path) -> Result<serde_json::Value> {
+    let manifest = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".manifest.json"))
+        .context("no manifest in the output")?;
+    Ok(serde_json::from_str(&std::fs::read_to_string(&manifest)?)?)
 }
 
 fn lock_in(dir: &std::path::Path) -> Result<std::path::PathBuf> {

@@ -1,14 +1,17 @@
 //! A local Debian mirror for fault tests: it passes every request through to a real
 //! mirror, so releases stay validly signed and packages are real, and answers every
-//! package download with the fault it was started with.
+//! package download with the fault it is set to. The fault can change while the mirror
+//! runs, so that builds sharing one mirror URL (and so one bootstrap in the step cache)
+//! meet different faults later on.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// What the mirror does to a faulted `.deb`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Fault {
     /// Served as the real mirror serves it.
     None,
@@ -23,28 +26,46 @@ pub enum Fault {
 pub struct Mirror {
     /// What a recipe's `mirror:` names.
     pub url: String,
+    fault: Arc<AtomicU8>,
     requests: Arc<AtomicU64>,
     faulted: Arc<AtomicU64>,
+}
+
+impl Fault {
+    const ALL: [Fault; 4] = [Fault::None, Fault::Status500, Fault::Truncated, Fault::Corrupted];
 }
 
 const UPSTREAM: &str = "http://deb.debian.org/debian";
 
 impl Mirror {
-    /// A mirror answering every `.deb` with `fault`, on a port of its own.
+    /// A mirror answering every `.deb` with `fault` (until [`Mirror::set_fault`]), on a
+    /// port of its own.
     pub fn start(fault: Fault) -> Mirror {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/debian", listener.local_addr().unwrap());
+        let fault = Arc::new(AtomicU8::new(fault as u8));
         let (requests, faulted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (r, f) = (requests.clone(), faulted.clone());
+        let (s, r, f) = (fault.clone(), requests.clone(), faulted.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
+                let fault = Fault::ALL[usize::from(s.load(Ordering::SeqCst))];
                 let (r, f) = (r.clone(), f.clone());
                 std::thread::spawn(move || {
                     let _ = serve(stream, fault, &r, &f);
                 });
             }
         });
-        Mirror { url, requests, faulted }
+        Mirror {
+            url,
+            fault,
+            requests,
+            faulted,
+        }
+    }
+
+    /// What the mirror does to the `.deb`s it is asked for from now on.
+    pub fn set_fault(&self, fault: Fault) {
+        self.fault.store(fault as u8, Ordering::SeqCst);
     }
 
     /// Requests so far.

@@ -1,15 +1,16 @@
-//! The fault matrix, for the bootstrap: builds interrupted (Ctrl-C), killed (SIGKILL,
-//! then a new run) and fed a broken mirror (500, truncated bodies, corrupted packages).
-//! Each must end within a bounded time with an error naming the cause, and leave no
-//! process, no temporary file, no output but the failed build's log, and a cache whose
-//! every entry still verifies.
+//! The fault matrix: builds interrupted (Ctrl-C), killed (SIGKILL, then a new run), whose
+//! helper kernel panics, or fed a broken mirror (500, truncated bodies, corrupted
+//! packages), in the bootstrap, in a late step and in the output conversion. Each must
+//! end within a bounded time with an error naming the cause, and leave no process, no
+//! temporary file, no output but the failed build's log, and a cache whose every entry
+//! still verifies.
 //!
 //! The builds share the test user's cache and one temporary directory, and the build
-//! after the SIGKILL writes where the killed one did, so that what the killed build left
+//! after a SIGKILL writes where the killed one did, so that what the killed build left
 //! is found (and must be swept) by the next run. They go through local mirrors that pass
-//! real packages through ([`imgvm_e2e::mirror`]). Faults in later steps and in the output
-//! conversion each need a finished bootstrap; they wait for the step cache to make that
-//! affordable.
+//! real packages through ([`imgvm_e2e::mirror`]). The late-step and conversion cells
+//! share one mirror, so one bootstrap: the step cache holds it (and the finished image)
+//! after one healthy build, and each cell starts from there.
 
 use imgvm_e2e::mirror::{Fault, Mirror};
 use imgvm_e2e::{give_to_user, imgvm, workdir};
@@ -27,6 +28,10 @@ const MARKER: &str = "IMGVM_FAULT_MATRIX";
 /// How long any cell may take from its start to imgvm's exit.
 const BOUND: Duration = Duration::from_secs(300);
 
+/// The cells run one after another: each checks that nothing of its own is left in the
+/// shared cache and temporary directory, which another cell's build would fill.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 struct Bench {
     dir: PathBuf,
     cache: PathBuf,
@@ -37,9 +42,17 @@ struct Bench {
 /// One build of the matrix: its recipe (through its own mirror) and output directory.
 struct Cell {
     name: &'static str,
-    mirror: Mirror,
+    mirror: Arc<Mirror>,
     recipe: PathBuf,
     out: PathBuf,
+}
+
+/// How a cell knows the work it interrupts has started.
+enum UnderWay {
+    /// A host process of this name runs.
+    Host(&'static str),
+    /// The guest has had this long: what runs there cannot be seen from the host.
+    Guest(Duration),
 }
 
 /// imgvm's exit code and the seconds it ran.
@@ -105,8 +118,8 @@ impl Running {
 }
 
 impl Bench {
-    fn new() -> Bench {
-        let dir = workdir("faults");
+    fn new(name: &str) -> Bench {
+        let dir = workdir(name);
         let tmp = dir.join("tmp");
         std::fs::create_dir(&tmp).unwrap();
         give_to_user(&tmp);
@@ -123,11 +136,16 @@ impl Bench {
     /// another suite than the helper appliance's, whose packages are in the cache
     /// already: the mirror is asked for these from the bootstrap's first download on.
     fn cell(&self, name: &'static str, fault: Fault, out: &str) -> Cell {
-        let mirror = Mirror::start(fault);
+        self.cell_on(name, &Arc::new(Mirror::start(fault)), "", "raw", out)
+    }
+
+    /// The tiny image through `mirror`, with `steps` after its bootstrap (YAML list
+    /// items) and `outputs`, built into `out`.
+    fn cell_on(&self, name: &'static str, mirror: &Arc<Mirror>, steps: &str, outputs: &str, out: &str) -> Cell {
         let text = format!(
             "name: tiny\nsuite: bookworm\nmirror: {}\ndisk:\n  size: 1GiB\n  table: none\n  partitions:\n    \
              - {{name: root, type: root, filesystem: ext4, mount: /}}\nsteps:\n  \
-             - bootstrap: {{variant: apt}}\noutputs: [raw]\n",
+             - bootstrap: {{variant: apt}}\n{steps}outputs: [{outputs}]\n",
             mirror.url
         );
         let stem = name.replace([' ', ','], "-");
@@ -140,7 +158,7 @@ impl Bench {
         }
         Cell {
             name,
-            mirror,
+            mirror: mirror.clone(),
             recipe,
             out,
         }
@@ -182,6 +200,20 @@ impl Bench {
             exit,
             started,
         }
+    }
+
+    /// Starts `cell` and waits until imgvm says `what`, then until the work is under way
+    /// (so that a signal finds it started).
+    fn start_at(&self, cell: &Cell, what: &str, under_way: UnderWay) -> Running {
+        let running = self.start(cell);
+        running.wait_for(what, |e| e.contains(what));
+        match under_way {
+            UnderWay::Host(process) => running.wait_for(process, |_| {
+                self.survivors().iter().any(|p| p.ends_with(&format!(" {process}")))
+            }),
+            UnderWay::Guest(time) => std::thread::sleep(time),
+        }
+        running
     }
 
     /// Starts `cell` and waits until its bootstrap is fetching from the mirror.
@@ -270,6 +302,43 @@ impl Bench {
             }
         }
         assert!(imgvm_e2e::assert_store_verifies(&self.cache) > 0);
+        Self::assert_states_whole(&self.cache.join("states"), cell.name);
+    }
+
+    /// Every state in the step cache is a qcow2 that `qemu-img check` passes, with its
+    /// description.
+    fn assert_states_whole(states: &Path, cell: &str) {
+        let Ok(entries) = std::fs::read_dir(states) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(key) = name.strip_suffix(".qcow2") {
+                assert!(
+                    states.join(format!("{key}.json")).is_file(),
+                    "{cell}: state {name} has no description"
+                );
+                let check = std::process::Command::new("qemu-img")
+                    .args(["check", "-q"])
+                    .arg(entry.path())
+                    .output()
+                    .unwrap();
+                assert!(
+                    check.status.success(),
+                    "{cell}: state {name} is damaged: {}",
+                    String::from_utf8_lossy(&check.stderr)
+                );
+            }
+        }
+    }
+}
+
+/// Prints the matrix: each cell, the seconds from its start to imgvm's exit, and what
+/// imgvm said.
+fn print(matrix: &[(&str, f64, String)]) {
+    eprintln!("fault matrix (seconds from start to exit):");
+    for (cell, seconds, said) in matrix {
+        eprintln!("  {cell:<28} {seconds:>6.1}  {said}");
     }
 }
 
@@ -278,15 +347,17 @@ impl Bench {
 fn failure(cell: &Cell, running: Running, cause: &str) -> (String, f64) {
     let (code, stderr, seconds) = running.finish();
     assert_ne!(code, Some(0), "{}: the build succeeded:\n{stderr}", cell.name);
-    assert!(!stderr.contains("panicked"), "{}:\n{stderr}", cell.name);
+    // A Rust panic of imgvm (the guest kernel's panic is a cause it names).
+    assert!(!stderr.contains(" panicked at "), "{}:\n{stderr}", cell.name);
     let said = stderr.lines().rev().find(|l| l.contains(cause));
     let said = said.unwrap_or_else(|| panic!("{}: expected `{cause}` in:\n{stderr}", cell.name));
     (said.trim().to_owned(), seconds)
 }
 
 #[test]
-fn every_fault_ends_the_build_cleanly_and_names_its_cause() {
-    let bench = Bench::new();
+fn every_fault_in_the_bootstrap_ends_the_build_cleanly_and_names_its_cause() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bench = Bench::new("faults-bootstrap");
     let mut matrix: Vec<(&str, f64, String)> = Vec::new();
 
     // Ctrl-C while the bootstrap downloads: cancelled, saying so.
@@ -342,8 +413,97 @@ fn every_fault_ends_the_build_cleanly_and_names_its_cause() {
         bench.assert_clean(cell);
     }
 
-    eprintln!("fault matrix (seconds from start to exit):");
-    for (cell, seconds, said) in &matrix {
-        eprintln!("  {cell:<28} {seconds:>6.1}  {said}");
+    print(&matrix);
+}
+
+#[test]
+fn every_fault_in_a_late_step_or_the_conversion_ends_the_build_cleanly_and_names_its_cause() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bench = Bench::new("faults-late");
+    let mirror = Arc::new(Mirror::start(Fault::None));
+    let mut matrix: Vec<(&str, f64, String)> = Vec::new();
+
+    // One healthy build fills the step cache with the bootstrap and with the finished
+    // image. Its 300 MiB of noise make the compressed conversion last long enough to be
+    // interrupted.
+    let noise = "  - run: {script: 'head -c 300M /dev/urandom > /var/noise'}\n";
+    let healthy = bench.cell_on("healthy", &mirror, noise, "qcow2-compressed", "out");
+    let (code, stderr, _) = bench.start(&healthy).finish();
+    assert_eq!(code, Some(0), "the healthy build failed:\n{stderr}");
+    for name in Bench::left_in(&healthy.out) {
+        std::fs::remove_file(healthy.out.join(name)).unwrap();
     }
+
+    // A late step under way: Ctrl-C, then SIGKILL.
+    let sleep = "  - run: {script: 'sleep 600'}\n";
+    let cell = bench.cell_on("late step, Ctrl-C", &mirror, sleep, "raw", "out");
+    let running = bench.start_at(&cell, "(run)", UnderWay::Guest(Duration::from_secs(3)));
+    assert!(running.stderr().contains("(bootstrap): from the step cache"));
+    running.signal(libc::SIGINT, true);
+    let (said, seconds) = failure(&cell, running, "cancelled");
+    bench.assert_clean(&cell);
+    matrix.push((cell.name, seconds, said));
+
+    let cell = bench.cell_on("late step, SIGKILL", &mirror, sleep, "raw", "out");
+    let running = bench.start_at(&cell, "(run)", UnderWay::Guest(Duration::from_secs(3)));
+    running.signal(libc::SIGKILL, false);
+    let (_, _, seconds) = running.finish();
+    bench.assert_no_survivors(cell.name);
+    let staged = Bench::left_in(&cell.out);
+    assert!(staged.iter().any(|n| n.starts_with(".imgvm-build-")), "{staged:?}");
+    let states = Bench::left_in(&bench.cache.join("states"));
+    assert!(
+        states.iter().any(|n| n.starts_with(".imgvm-")),
+        "the killed run left no work disk in the step cache: {states:?}"
+    );
+    matrix.push((cell.name, seconds, "killed".into()));
+
+    // The helper's kernel panics in a late step; this build also writes where the killed
+    // one did, and must sweep what it left (checked by assert_clean).
+    let panic = "  - run: {script: 'echo c > /proc/sysrq-trigger'}\n";
+    let cell = bench.cell_on("late step, kernel panic", &mirror, panic, "raw", "out");
+    let (said, seconds) = failure(&cell, bench.start(&cell), "kernel panicked");
+    bench.assert_clean(&cell);
+    matrix.push((cell.name, seconds, said));
+
+    // A late `apt` step is given a corrupted package (one no other test installs, so it
+    // is not in the verified store already).
+    mirror.set_fault(Fault::Corrupted);
+    let apt = "  - apt: {install: [hello]}\n";
+    let cell = bench.cell_on("late step, corrupted .deb", &mirror, apt, "raw", "out");
+    let (said, seconds) = failure(&cell, bench.start(&cell), "the signed index says");
+    assert!(
+        cell.mirror.faults_served() > 0,
+        "{}: no package was corrupted",
+        cell.name
+    );
+    bench.assert_clean(&cell);
+    matrix.push((cell.name, seconds, said));
+    mirror.set_fault(Fault::None);
+
+    // The conversion under way (the finished image comes from the step cache, so no VM
+    // boots): Ctrl-C, then SIGKILL and a new run.
+    let cell = bench.cell_on("conversion, Ctrl-C", &mirror, noise, "qcow2-compressed", "out");
+    let running = bench.start_at(&cell, "output qcow2-compressed", UnderWay::Host("qemu-img"));
+    running.signal(libc::SIGINT, true);
+    let (said, seconds) = failure(&cell, running, "cancelled");
+    bench.assert_clean(&cell);
+    matrix.push((cell.name, seconds, said));
+
+    let cell = bench.cell_on("conversion, SIGKILL", &mirror, noise, "qcow2-compressed", "out");
+    let running = bench.start_at(&cell, "output qcow2-compressed", UnderWay::Host("qemu-img"));
+    running.signal(libc::SIGKILL, false);
+    let (_, _, seconds) = running.finish();
+    bench.assert_no_survivors(cell.name);
+    let staged = Bench::left_in(&cell.out);
+    assert!(staged.iter().any(|n| n.starts_with(".imgvm-build-")), "{staged:?}");
+    matrix.push((cell.name, seconds, "killed".into()));
+    // The next run into the same directory sweeps it and builds.
+    let (code, stderr, _) = bench.start(&cell).finish();
+    assert_eq!(code, Some(0), "the build after the kill failed:\n{stderr}");
+    let left = Bench::left_in(&cell.out);
+    assert!(left.iter().all(|n| !n.starts_with(".imgvm-")), "{left:?}");
+    assert!(left.iter().any(|n| n == "tiny-amd64.qcow2"), "{left:?}");
+
+    print(&matrix);
 }

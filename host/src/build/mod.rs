@@ -416,10 +416,15 @@ async fn run_steps(
     let arch = recipe.arch.to_string();
     let mut work = work_disk::WorkDisk::new(store, keys, staging, size, &recipe.name, &arch).await?;
     if let (Some(sealed), Some((image, result))) = (sealed, work.finished()) {
-        return reuse_finished(
+        // Unpacking the finished image takes a while for a large disk: Ctrl-C stops it
+        // too (dropping it kills its qemu-img).
+        let reused = reuse_finished(
             options, settings, &plan, &prepared, release, &image, result, sealed, log,
-        )
-        .await;
+        );
+        return tokio::select! {
+            reused = reused => reused,
+            _ = cancel.cancelled() => bail!("cancelled while unpacking the finished image from the step cache"),
+        };
     }
     let last = plan.phases.len() - 1;
     let last_label = plan.phases[last].label.clone();

@@ -466,19 +466,26 @@ fn every_fault_in_a_late_step_or_the_conversion_ends_the_build_cleanly_and_names
     bench.assert_clean(&cell);
     matrix.push((cell.name, seconds, said));
 
-    // A late `apt` step is given a corrupted package (one no other test installs, so it
-    // is not in the verified store already).
-    mirror.set_fault(Fault::Corrupted);
+    // A late `apt` step meets a broken mirror, three ways (one package no other test
+    // installs, so it is not in the verified store already).
     let apt = "  - apt: {install: [hello]}\n";
-    let cell = bench.cell_on("late step, corrupted .deb", &mirror, apt, "raw", "out");
-    let (said, seconds) = failure(&cell, bench.start(&cell), "the signed index says");
-    assert!(
-        cell.mirror.faults_served() > 0,
-        "{}: no package was corrupted",
-        cell.name
-    );
-    bench.assert_clean(&cell);
-    matrix.push((cell.name, seconds, said));
+    for (name, fault, cause) in [
+        ("late step, mirror 500", Fault::Status500, "HTTP status 500"),
+        (
+            "late step, truncated body",
+            Fault::Truncated,
+            "failed after 5 attempt(s)",
+        ),
+        ("late step, corrupted .deb", Fault::Corrupted, "the signed index says"),
+    ] {
+        mirror.set_fault(fault);
+        let served = mirror.faults_served();
+        let cell = bench.cell_on(name, &mirror, apt, "raw", "out");
+        let (said, seconds) = failure(&cell, bench.start(&cell), cause);
+        assert!(mirror.faults_served() > served, "{name}: the mirror was never asked");
+        bench.assert_clean(&cell);
+        matrix.push((cell.name, seconds, said));
+    }
     mirror.set_fault(Fault::None);
 
     // The conversion under way (the finished image comes from the step cache, so no VM

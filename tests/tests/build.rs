@@ -155,6 +155,8 @@ echo ssh-host-keys=$(ls /mnt/etc/ssh/ | grep -c '^ssh_host_' || true)
 echo apt-lists=$(ls /mnt/var/lib/apt/lists | grep -vc '^lock$\\|^partial$' || true)
 echo apt-cache=$(ls -A /mnt/var/cache/apt | wc -l)
 echo policy-rc-d=$([ -e /mnt/usr/sbin/policy-rc.d ] && echo present || echo absent)
+echo build-apt-conf=$(ls /mnt/etc/apt/apt.conf.d | grep -c 'imgvm\\|mmdebstrap' || true)
+echo apt-proxy=$(grep -rc 'Acquire::http::Proxy' /mnt/etc/apt | grep -vc ':0$' || true)
 cat /mnt/etc/default/locale
 cat /mnt/etc/kernel-img.conf
 echo menu-timeout=$(grep -A2 'x$feature_timeout_style = xy' /mnt/boot/grub/grub.cfg | sed -n 's/^ *set timeout=//p')
@@ -174,6 +176,9 @@ cat /mnt/etc/fstab";
         // Debian's images have an empty /var/cache/apt (no archives/partial either).
         "apt-cache=0",
         "policy-rc-d=absent",
+        // The build's apt configuration (its proxy) is not the image's.
+        "build-apt-conf=0",
+        "apt-proxy=0",
         "LANG=C.UTF-8",
         "do_symlinks = no",
         // The bootloader step is the one owner of GRUB's settings: genericcloud's 0 s.

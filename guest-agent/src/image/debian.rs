@@ -16,6 +16,9 @@ const PROXY: &str = "http://127.0.0.1:3142";
 /// recipe's mirror (the image's own sources may point where the proxy does not go), no
 /// prompts, no fsync (the disk is written with cache=unsafe and flushed once at the end).
 const APT_CONF: &str = "/etc/apt/apt.conf.d/00imgvm-build";
+/// Where mmdebstrap leaves the bootstrap's `--aptopt`s, among them the build's proxy,
+/// which the finished image must not keep.
+const MMDEBSTRAP_APT_CONF: &str = "/etc/apt/apt.conf.d/99mmdebstrap";
 const BUILD_SOURCES: &str = "/etc/apt/imgvm-build.list";
 const POLICY_RC: &str = "/usr/sbin/policy-rc.d";
 
@@ -41,6 +44,9 @@ impl Handle<Bootstrap> for Job<'_> {
             format!("--arch={}", b.arch),
             format!("--components={}", b.components.join(",")),
             format!("--aptopt=Acquire::http::Proxy \"{PROXY}\""),
+            // The host's proxy already retries what the mirror fails to deliver: apt's
+            // own retries would only ask it again, and again, for what it gave up on.
+            "--aptopt=Acquire::Retries \"0\"".into(),
             "--aptopt=APT::Install-Recommends \"false\"".into(),
             "--dpkgopt=force-unsafe-io".into(),
             // The lists are needed by the apt steps that follow; finalize removes them.
@@ -80,7 +86,7 @@ impl Handle<EnterChroot> for Job<'_> {
         );
         write(job, BUILD_SOURCES, line.as_bytes(), 0o644)?;
         let conf = format!(
-            "Acquire::http::Proxy \"{PROXY}\";\nDir::Etc::SourceList \"{BUILD_SOURCES}\";\n\
+            "Acquire::http::Proxy \"{PROXY}\";\nAcquire::Retries \"0\";\nDir::Etc::SourceList \"{BUILD_SOURCES}\";\n\
          Dir::Etc::SourceParts \"/nonexistent\";\n\
          DPkg::Options {{ \"--force-unsafe-io\"; \"--force-confdef\"; \"--force-confold\"; }};\n"
         );
@@ -173,6 +179,7 @@ impl Handle<Clean> for Job<'_> {
         for path in [
             POLICY_RC,
             APT_CONF,
+            MMDEBSTRAP_APT_CONF,
             BUILD_SOURCES,
             "/var/lib/dbus/machine-id",
             "/etc/mailname",

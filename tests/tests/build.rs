@@ -156,7 +156,7 @@ echo apt-lists=$(ls /mnt/var/lib/apt/lists | grep -vc '^lock$\\|^partial$' || tr
 echo apt-cache=$(ls -A /mnt/var/cache/apt | wc -l)
 echo policy-rc-d=$([ -e /mnt/usr/sbin/policy-rc.d ] && echo present || echo absent)
 echo build-apt-conf=$(ls /mnt/etc/apt/apt.conf.d | grep -c 'imgvm\\|mmdebstrap' || true)
-echo apt-proxy=$(grep -rc 'Acquire::http::Proxy' /mnt/etc/apt | grep -vc ':0$' || true)
+echo apt-proxy=$(grep -rhI '^[[:space:]]*Acquire::http::Proxy' /mnt/etc/apt | wc -l)
 cat /mnt/etc/default/locale
 cat /mnt/etc/kernel-img.conf
 echo menu-timeout=$(grep -A2 'x$feature_timeout_style = xy' /mnt/boot/grub/grub.cfg | sed -n 's/^ *set timeout=//p')

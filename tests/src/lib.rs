@@ -196,3 +196,22 @@ pub fn assert_store_verifies(cache: &Path) -> usize {
     }
     count
 }
+
+/// Every state in the step cache directory `states` is whole: a qcow2 that `qemu-img
+/// check` passes, with its description; no partial file is left.
+pub fn assert_states_whole(states: &Path) {
+    let Ok(entries) = std::fs::read_dir(states) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with(".imgvm-"), "{name} left in {}", states.display());
+        if let Some(key) = name.strip_suffix(".qcow2") {
+            assert!(
+                states.join(format!("{key}.json")).is_file(),
+                "{name} has no description"
+            );
+            run_ok(Command::new("qemu-img").args(["check", "-q"]).arg(entry.path()));
+        }
+    }
+}

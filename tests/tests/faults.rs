@@ -311,34 +311,7 @@ impl Bench {
             }
         }
         assert!(imgvm_e2e::assert_store_verifies(&self.cache) > 0);
-        Self::assert_states_whole(&self.cache.join("states"), cell.name);
-    }
-
-    /// Every state in the step cache is a qcow2 that `qemu-img check` passes, with its
-    /// description.
-    fn assert_states_whole(states: &Path, cell: &str) {
-        let Ok(entries) = std::fs::read_dir(states) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(key) = name.strip_suffix(".qcow2") {
-                assert!(
-                    states.join(format!("{key}.json")).is_file(),
-                    "{cell}: state {name} has no description"
-                );
-                let check = std::process::Command::new("qemu-img")
-                    .args(["check", "-q"])
-                    .arg(entry.path())
-                    .output()
-                    .unwrap();
-                assert!(
-                    check.status.success(),
-                    "{cell}: state {name} is damaged: {}",
-                    String::from_utf8_lossy(&check.stderr)
-                );
-            }
-        }
+        imgvm_e2e::assert_states_whole(&self.cache.join("states"));
     }
 }
 

@@ -57,22 +57,6 @@ fn file_in(raw: &Path, path: &str) -> String {
     run_ok(Command::new("debugfs").arg("-R").arg(format!("cat {path}")).arg(raw))
 }
 
-/// Every stored state is whole: a qcow2 that `qemu-img check` passes, with its
-/// description; no partial file is left.
-fn assert_states_whole(states: &Path) {
-    for entry in std::fs::read_dir(states).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        assert!(!name.starts_with(".imgvm-"), "{name} left in {}", states.display());
-        if let Some(key) = name.strip_suffix(".qcow2") {
-            assert!(
-                states.join(format!("{key}.json")).is_file(),
-                "{name} has no description"
-            );
-            run_ok(Command::new("qemu-img").args(["check", "-q"]).arg(entry.path()));
-        }
-    }
-}
-
 #[test]
 fn a_rebuild_runs_only_the_changed_steps_and_an_interrupted_store_is_not_reused() {
     let dir = workdir("step-cache");
@@ -124,7 +108,7 @@ fn a_rebuild_runs_only_the_changed_steps_and_an_interrupted_store_is_not_reused(
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cancelled"), "{stderr}");
-    assert_states_whole(&states);
+    imgvm_e2e::assert_states_whole(&states);
 
     // Built whole (the first state, if it was stored before the Ctrl-C, may be reused).
     let first = build(&path, &name, &out("first"));
@@ -135,7 +119,7 @@ fn a_rebuild_runs_only_the_changed_steps_and_an_interrupted_store_is_not_reused(
         6,
         "boot, partition, bootstrap, run, file, finalize: {first:?}"
     );
-    assert_states_whole(&states);
+    imgvm_e2e::assert_states_whole(&states);
 
     // The last step changed: everything before it comes from the cache.
     write("one", "second");

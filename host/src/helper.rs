@@ -33,6 +33,8 @@ pub struct HelperOptions {
     pub proxy_mirrors: Vec<String>,
     /// Releases the proxy serves as a lock names them ([`crate::proxy::Proxy::pin`]).
     pub pinned: Vec<crate::lock::LockedRelease>,
+    /// The appliance a lock names ([`Spec::pinned`]).
+    pub appliance: Option<HelperLock>,
 }
 
 pub struct Helper {
@@ -116,7 +118,10 @@ impl Helper {
     /// Everything before booting (`options.disks` is not looked at).
     pub async fn prepare(options: &HelperOptions, fetcher: &Fetcher) -> Result<Prepared> {
         let arch = options.arch;
-        let spec = Spec::new(arch, options.mirror.as_deref(), options.suite.as_deref())?;
+        let mut spec = Spec::new(arch, options.mirror.as_deref(), options.suite.as_deref())?;
+        if let Some(pin) = &options.appliance {
+            spec = spec.pinned(pin.clone())?;
+        }
         let mut mirrors = vec![spec.definition.mirror.clone()];
         mirrors.extend(options.proxy_mirrors.iter().cloned());
         let proxy = crate::proxy::Proxy::new(&mirrors, fetcher.clone());
@@ -132,10 +137,7 @@ impl Helper {
         );
         let agent = crate::agent::load(arch)?;
         let initrd = appliance.initrd(&agent, options.bare)?;
-        let built_from = HelperLock {
-            release: appliance.manifest.release.clone(),
-            packages: appliance.manifest.packages.clone(),
-        };
+        let built_from = appliance.manifest.built_from.clone();
         let identity = {
             use sha2::Digest;
             let mut hasher = sha2::Sha256::new();

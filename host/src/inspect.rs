@@ -63,6 +63,7 @@ pub async fn files(images: [&Image; 2], cancel: &CancellationToken) -> Result<[F
         bare: false,
         proxy_mirrors: Vec::new(),
         pinned: Vec::new(),
+        appliance: None,
     };
     let fetcher = Fetcher::default();
     let helper = tokio::select! {

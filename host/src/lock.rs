@@ -16,7 +16,7 @@ use sha2::Digest;
 use std::collections::HashMap;
 
 /// Bumped when the lockfile's meaning changes; a reader refuses formats it does not know.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LockedPackage {
@@ -72,7 +72,8 @@ impl LockedRelease {
 /// What the helper VM that did the build consisted of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HelperLock {
-    pub release: LockedRelease,
+    /// Its suite's release, then any its backports come from.
+    pub releases: Vec<LockedRelease>,
     pub packages: Vec<LockedPackage>,
 }
 
@@ -240,18 +241,25 @@ impl LockFile {
             path: shown.clone(),
             source,
         })?;
-        let lock: Lock = serde_json::from_slice(&text).map_err(|e| LockError::Parse {
+        let parse_error = |e: serde_json::Error| LockError::Parse {
             path: shown.clone(),
             line: e.line(),
             column: e.column(),
             message: e.to_string(),
-        })?;
-        if lock.format != FORMAT {
+        };
+        // The format first: a lock of another format need not parse as this one.
+        #[derive(Deserialize)]
+        struct Head {
+            format: u32,
+        }
+        let head: Head = serde_json::from_slice(&text).map_err(parse_error)?;
+        if head.format != FORMAT {
             return Err(LockError::Format {
                 path: shown,
-                found: lock.format,
+                found: head.format,
             });
         }
+        let lock: Lock = serde_json::from_slice(&text).map_err(parse_error)?;
         Ok(LockFile {
             path: path.to_owned(),
             lock,
@@ -369,7 +377,6 @@ impl LockFile {
     }
 }
 
-/// Where a suite's signed release is, on `mirror`.
 /// The build's `SOURCE_DATE_EPOCH`, decided here only: `from_environment` (the
 /// reproducible-builds convention) when set, else the lock's (what the locked build
 /// used), else the date of the release the build installs from, so that the lock this
@@ -391,6 +398,7 @@ pub fn source_date_epoch(
     }
 }
 
+/// Where a suite's signed release is, on `mirror`.
 pub fn release_url(mirror: &str, suite: &str) -> String {
     format!("{}/dists/{suite}/InRelease", mirror.trim_end_matches('/'))
 }
@@ -438,7 +446,7 @@ pub(crate) mod tests {
 
     pub fn helper(date: &str) -> HelperLock {
         HelperLock {
-            release: release(date),
+            releases: vec![release(date)],
             packages: vec![],
         }
     }
@@ -544,14 +552,24 @@ pub(crate) mod tests {
     fn reading_a_broken_or_foreign_lock_says_where() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.lock");
-        std::fs::write(&path, "{\n  \"format\": 1,\n  \"recipe\": 3\n}").unwrap();
+        std::fs::write(&path, format!("{{\n  \"format\": {FORMAT},\n  \"recipe\": 3\n}}")).unwrap();
         let err = LockFile::read(&path).unwrap_err().to_string();
         assert!(err.starts_with(&format!("{}:3:", path.display())), "{err}");
         let mut future = lock(&[]);
         future.format = 99;
         std::fs::write(&path, future.to_json()).unwrap();
         let err = LockFile::read(&path).unwrap_err().to_string();
-        assert!(err.ends_with("lock format 99; this imgvm reads format 1"), "{err}");
+        assert!(
+            err.ends_with(&format!("lock format 99; this imgvm reads format {FORMAT}")),
+            "{err}"
+        );
+        // An older lock is refused for its format, not for a field it lacks.
+        std::fs::write(&path, "{\"format\": 1, \"helper\": {\"release\": {}}}").unwrap();
+        let err = LockFile::read(&path).unwrap_err().to_string();
+        assert!(
+            err.ends_with(&format!("lock format 1; this imgvm reads format {FORMAT}")),
+            "{err}"
+        );
     }
 
     #[test]

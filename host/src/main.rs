@@ -645,6 +645,7 @@ fn helper_options(vm: VmArgs, disks: Vec<PathBuf>, memory_mib: u32, cpus: Option
         bare: false,
         proxy_mirrors: Vec::new(),
         pinned: Vec::new(),
+        appliance: None,
     }
 }
 

@@ -89,6 +89,37 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
     assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
     assert!(!out.exists(), "the refused build started: {} exists", out.display());
 
+    // A lock whose helper VM had another mke2fs: the build does not run its steps with
+    // today's, it refuses before any VM starts.
+    let mut other_helper = lock.clone();
+    let e2fsprogs = other_helper["helper"]["packages"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|p| p["name"] == "e2fsprogs")
+        .expect("the helper VM has e2fsprogs");
+    let version = e2fsprogs["version"].as_str().unwrap().to_owned();
+    e2fsprogs["version"] = "1.46.0-imgvm".into();
+    let other_file = dir.join("other-helper.lock");
+    std::fs::write(&other_file, serde_json::to_vec_pretty(&other_helper).unwrap()).unwrap();
+    give_to_user(&other_file);
+    let started = Instant::now();
+    let failed = imgvm(["build", "--arch", "amd64", "--lock"])
+        .arg(&other_file)
+        .arg("-o")
+        .arg(&out)
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("the lock's (~e2fsprogs 1.46.0-imgvm -> {version})")),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
+    assert!(!out.exists(), "the refused build started: {} exists", out.display());
+
     // The build beside the lock follows it: it installs exactly the locked packages.
     let out = dir.join("out");
     let built = imgvm(["--log-format", "json", "build", "--arch", "amd64", "-o"])
@@ -103,6 +134,7 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
     assert_eq!(written["packages"], lock["packages"]);
     assert_eq!(written["releases"], lock["releases"]);
     assert_eq!(written["source_date_epoch"], lock["source_date_epoch"]);
+    assert_eq!(written["helper"], lock["helper"]);
 
     // That build started from the states `imgvm lock` left in the step cache; built again
     // from the same lock from an empty disk (`--no-cache`): the same bytes, and

@@ -17,6 +17,9 @@ pub struct Definition {
     pub packages: Vec<String>,
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// Per suite, source packages whose builds come from `SUITE-backports`.
+    #[serde(default)]
+    pub backports: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, serde::Deserialize)]

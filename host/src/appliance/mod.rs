@@ -15,6 +15,7 @@ pub use definition::{Definition, BUILTIN};
 
 use crate::arch::Arch;
 use crate::archive::{self, Archive, Fetcher, Package};
+use crate::lock::HelperLock;
 use crate::progress;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -24,7 +25,7 @@ use std::path::{Path, PathBuf};
 use tree::{Node, Tree};
 
 /// Bumped whenever assembly changes in a way that changes its output.
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 
 /// Where the agent writes its load list from (see the agent's `init`).
 const MODULE_LIST: &str = "etc/imgvm/modules";
@@ -43,16 +44,19 @@ pub struct Manifest {
     pub kernel_package: String,
     pub kernel_version: String,
     pub modules: Vec<String>,
-    /// What its packages came from, for the lock of every image it builds.
-    pub release: crate::lock::LockedRelease,
-    pub packages: Vec<crate::lock::LockedPackage>,
+    /// The releases and every package (the kernel's too) it was assembled from, for the
+    /// lock of every image it builds.
+    pub built_from: HelperLock,
 }
 
-/// Which appliance to use: the definition plus any mirror or suite override.
+/// Which appliance to use: the definition plus any mirror or suite override, and the
+/// releases and packages a lock pins it to.
 pub struct Spec {
     pub arch: Arch,
     pub definition: Definition,
     key: String,
+    /// The lock's appliance, and the cache key of one assembled from it.
+    pin: Option<(HelperLock, String)>,
 }
 
 impl Spec {
@@ -71,19 +75,61 @@ impl Spec {
         ));
         hasher.update(BUILTIN);
         let key = format!("{arch}-{}", &archive::hex(&hasher.finalize())[..16]);
-        Ok(Spec { arch, definition, key })
+        Ok(Spec {
+            arch,
+            definition,
+            key,
+            pin: None,
+        })
+    }
+
+    /// The appliance exactly as `pin` (a lock's) lists it, so that a locked build runs
+    /// its steps with the same programs (mke2fs decides the bytes of every ext4) even
+    /// after the mirror moved on: assembled from the releases the lock names, which
+    /// must resolve to the lock's packages.
+    pub fn pinned(mut self, pin: HelperLock) -> Result<Spec> {
+        let def = &self.definition;
+        let url = crate::lock::release_url(&def.mirror, &def.suite);
+        let Some(first) = pin.releases.first() else {
+            bail!("the lock names no release of the helper VM's packages");
+        };
+        if first.url != url {
+            bail!(
+                "the lock's helper VM came from {}, this build's from {url}: build with the helper \
+                 suite and mirror the lock was written with, or refresh it with `imgvm lock --update`",
+                first.url
+            );
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(&self.key);
+        hasher.update(serde_json::to_vec(&pin)?);
+        let key = format!("{}-{}", self.arch, &archive::hex(&hasher.finalize())[..16]);
+        self.pin = Some((pin, key));
+        Ok(self)
     }
 
     fn dir(&self) -> PathBuf {
-        crate::cache::dir().join("appliances").join(&self.key)
+        let key = self.pin.as_ref().map_or(&self.key, |(_, key)| key);
+        crate::cache::dir().join("appliances").join(key)
     }
 
-    /// The cached appliance, if one was assembled before.
+    /// The cached appliance, if one was assembled before: with a pin, the latest one
+    /// when the pin lists what it holds (the machine that wrote the lock), else one
+    /// assembled from the pin.
     pub fn cached(&self) -> Option<Appliance> {
-        let dir = self.dir();
-        let manifest = std::fs::read(dir.join("manifest.json")).ok()?;
-        let manifest = serde_json::from_slice(&manifest).ok()?;
-        Some(Appliance { dir, manifest })
+        let read = |key: &str| {
+            let dir = crate::cache::dir().join("appliances").join(key);
+            let manifest = std::fs::read(dir.join("manifest.json")).ok()?;
+            let manifest = serde_json::from_slice(&manifest).ok()?;
+            Some(Appliance { dir, manifest })
+        };
+        match &self.pin {
+            None => read(&self.key),
+            Some((pin, key)) => [&self.key, key]
+                .into_iter()
+                .filter_map(|key| read(key))
+                .find(|appliance| appliance.manifest.built_from == *pin),
+        }
     }
 
     /// The cached appliance, or a freshly assembled one when there is none or `refresh`.
@@ -121,9 +167,24 @@ impl Spec {
     fn assemble(&self, fetcher: &Fetcher) -> Result<Appliance> {
         let def = &self.definition;
         let arch = self.arch;
+        let pin = self.pin.as_ref().map(|(pin, _)| pin);
+        let pinned = |suite: &str| {
+            let url = crate::lock::release_url(&def.mirror, suite);
+            pin.and_then(|pin| pin.releases.iter().find(|r| r.url == url))
+        };
         let archive = Archive::new(&def.mirror, &def.suite, &crate::cache::verified(), fetcher.clone());
         tracing::info!("resolving the {arch} appliance from {} {}", def.mirror, def.suite);
-        let (index, release) = archive.index(arch)?;
+        let (mut index, release) = archive.index(arch, pinned(&def.suite))?;
+        let mut releases = vec![release];
+        if let Some(sources) = def.backports.get(&def.suite) {
+            let suite = format!("{}-backports", def.suite);
+            let backports = Archive::new(&def.mirror, &suite, &crate::cache::verified(), fetcher.clone());
+            let (newer, release) = backports.index(arch, pinned(&suite))?;
+            index
+                .prefer(&newer, sources)
+                .with_context(|| format!("taking {} from {suite}", sources.join(", ")))?;
+            releases.push(release);
+        }
         let kernel_meta = def.kernel_package(arch)?;
         let kernel = kernel_image_package(&index, kernel_meta)?;
         let packages = index
@@ -131,6 +192,15 @@ impl Spec {
             .context("resolving the appliance's packages")?;
         let mut all: Vec<&Package> = packages.values().collect();
         all.push(kernel);
+        let mut locked: Vec<_> = all.iter().map(|p| archive.locked(p)).collect();
+        locked.sort();
+        let built_from = HelperLock {
+            releases,
+            packages: locked,
+        };
+        if let Some(pin) = pin {
+            check_pin(pin, &built_from)?;
+        }
         let debs = download_all(&archive, &all)?;
 
         tracing::info!("assembling the {arch} appliance from {} packages", packages.len());
@@ -196,8 +266,7 @@ impl Spec {
                 .iter()
                 .map(|m| kmod::module_name(&m.path).unwrap_or_default())
                 .collect(),
-            release,
-            packages: packages.values().map(|p| archive.locked(p)).collect(),
+            built_from,
         };
         std::fs::write(
             staging.path().join("manifest.json"),
@@ -254,6 +323,48 @@ impl Appliance {
         }
         Ok(path)
     }
+}
+
+/// The appliance assembled from the pinned releases is the one the lock lists: the
+/// same definition resolves to the same packages, so anything else means imgvm's
+/// appliance changed since the lock was written.
+fn check_pin(pin: &HelperLock, built_from: &HelperLock) -> Result<()> {
+    if pin == built_from {
+        return Ok(());
+    }
+    let by_name = |lock: &HelperLock| -> BTreeMap<String, crate::lock::LockedPackage> {
+        lock.packages.iter().map(|p| (p.name.clone(), p.clone())).collect()
+    };
+    let (locked, ours) = (by_name(pin), by_name(built_from));
+    let mut changes = Vec::new();
+    for (name, package) in &locked {
+        match ours.get(name) {
+            None => changes.push(format!("-{name} {}", package.version)),
+            Some(our) if our.version != package.version => {
+                changes.push(format!("~{name} {} -> {}", package.version, our.version))
+            }
+            Some(our) if our != package => changes.push(format!("~{name} {} (another file)", package.version)),
+            Some(_) => {}
+        }
+    }
+    changes.extend(
+        ours.iter()
+            .filter(|(name, _)| !locked.contains_key(*name))
+            .map(|(name, p)| format!("+{name} {}", p.version)),
+    );
+    if pin.releases != built_from.releases {
+        changes.push("other releases".into());
+    }
+    let more = changes.len().saturating_sub(10);
+    changes.truncate(10);
+    if more > 0 {
+        changes.push(format!("and {more} more"));
+    }
+    bail!(
+        "the helper VM this imgvm assembles from the releases the lock names differs from the lock's ({}): \
+         the appliance definition changed since the lock was written; refresh it with `imgvm lock --update`",
+        changes.join(", ")
+    )
 }
 
 /// Follows the kernel metapackage (`linux-image-cloud-amd64`) to the package with the

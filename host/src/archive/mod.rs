@@ -15,7 +15,7 @@ pub use release::{parse_date, Freshness, Release, KEYRING};
 
 use crate::arch::Arch;
 use crate::lock::{LockedPackage, LockedRelease};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sha2::Digest;
 use std::path::{Path, PathBuf};
 
@@ -43,9 +43,13 @@ impl Archive {
     }
 
     /// The verified package index of `main` for `arch` (which includes `Architecture: all`),
-    /// and the release that lists it.
-    pub fn index(&self, arch: Arch) -> Result<(PackageIndex, LockedRelease)> {
-        let (release, locked) = self.release()?;
+    /// and the release that lists it: the one the mirror serves now, or with `pin` the
+    /// one a lock names.
+    pub fn index(&self, arch: Arch, pin: Option<&LockedRelease>) -> Result<(PackageIndex, LockedRelease)> {
+        let (release, locked) = match pin {
+            Some(pin) => (self.pinned_release(pin)?, pin.clone()),
+            None => self.release()?,
+        };
         let url = &locked.url;
         let path = format!("main/binary-{}/Packages.xz", arch.debian());
         let entry = release
@@ -58,7 +62,8 @@ impl Archive {
         Ok((index, locked))
     }
 
-    /// The suite's release as the mirror serves it now, verified.
+    /// The suite's release as the mirror serves it now, verified, and kept in the
+    /// verified store so that a lock naming it can be followed once the mirror moves on.
     pub fn release(&self) -> Result<(Release, LockedRelease)> {
         let url = crate::lock::release_url(&self.mirror, &self.suite);
         let signed = self.fetcher.get(&url).with_context(|| format!("fetching {url}"))?;
@@ -69,7 +74,47 @@ impl Archive {
             sha256: hex(&sha2::Sha256::digest(&signed)),
             date: release.date().unwrap_or_default().to_owned(),
         };
+        self.keep(&signed, &locked.sha256)?;
         Ok((release, locked))
+    }
+
+    /// The release `pin` names: from the verified store, or from the mirror while it
+    /// still serves that very release.
+    fn pinned_release(&self, pin: &LockedRelease) -> Result<Release> {
+        let stored = self.store.join(&pin.sha256);
+        let signed = match std::fs::read(&stored) {
+            Ok(signed) if hex(&sha2::Sha256::digest(&signed)) == pin.sha256 => signed,
+            _ => {
+                let signed = self
+                    .fetcher
+                    .get(&pin.url)
+                    .with_context(|| format!("fetching {}", pin.url))?;
+                if hex(&sha2::Sha256::digest(&signed)) != pin.sha256 {
+                    bail!(
+                        "the release {} of {} is not in imgvm's cache, and the mirror now serves another one",
+                        pin.url,
+                        pin.date
+                    );
+                }
+                self.keep(&signed, &pin.sha256)?;
+                signed
+            }
+        };
+        Release::verify(&signed, &self.suite, Freshness::Locked).with_context(|| format!("verifying {}", pin.url))
+    }
+
+    /// Puts `body`, whose SHA256 is `sha256`, into the verified store.
+    fn keep(&self, body: &[u8], sha256: &str) -> Result<()> {
+        let path = self.store.join(sha256);
+        if path.exists() {
+            crate::cache::touch(&path);
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.store).with_context(|| format!("creating {}", self.store.display()))?;
+        let mut tmp = crate::leftovers::partial_file(&self.store)?;
+        std::io::Write::write_all(&mut tmp, body)?;
+        tmp.persist(&path)?;
+        Ok(())
     }
 
     /// `package` as the lock records it.

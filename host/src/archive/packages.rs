@@ -76,6 +76,28 @@ impl PackageIndex {
         self.packages.get(name)
     }
 
+    /// Takes every package built from one of `sources` from `newer` (a backports suite's
+    /// index) in place of this index's, so that resolution installs those builds.
+    pub fn prefer(&mut self, newer: &PackageIndex, sources: &[String]) -> Result<()> {
+        for source in sources {
+            let taken: Vec<&Package> = newer.packages.values().filter(|p| &p.source == source).collect();
+            if taken.is_empty() {
+                bail!("the newer archive has no package built from {source}");
+            }
+            for package in taken {
+                for virt in &package.provides {
+                    let list = self.providers.entry(virt.clone()).or_default();
+                    if !list.contains(&package.name) {
+                        list.push(package.name.clone());
+                        list.sort();
+                    }
+                }
+                self.packages.insert(package.name.clone(), package.clone());
+            }
+        }
+        Ok(())
+    }
+
     /// `wanted` plus every Essential package plus everything they depend on, by name.
     /// Among alternatives the first one that exists wins, unless another is already
     /// selected; a virtual package resolves to its alphabetically first provider.
@@ -261,5 +283,24 @@ SHA256: ee
         let index = PackageIndex::parse(INDEX.as_bytes()).unwrap();
         let err = index.closure(&["nonesuch".into()]).unwrap_err();
         assert_eq!(err.to_string(), "the archive has no package named nonesuch");
+    }
+
+    #[test]
+    fn preferred_sources_come_from_the_newer_index() {
+        let mut index = PackageIndex::parse(INDEX.as_bytes()).unwrap();
+        let newer = PackageIndex::parse(
+            "Package: libfoo\nVersion: 2.1~bpo\nArchitecture: amd64\nSource: foo (2.1~bpo)\n\
+             Filename: pool/l/libfoo-bpo.deb\nSize: 11\nSHA256: b2\n\n\
+             Package: perl\nVersion: 6~bpo\nArchitecture: amd64\nFilename: pool/p/perl-bpo.deb\nSize: 9\nSHA256: d2\n"
+                .as_bytes(),
+        )
+        .unwrap();
+        index.prefer(&newer, &["foo".into()]).unwrap();
+        let closure = index.closure(&["app".into()]).unwrap();
+        let version = |name: &str| closure[name].version.as_str();
+        assert_eq!(version("libfoo"), "2.1~bpo", "built from a preferred source");
+        assert_eq!(version("perl"), "5", "not built from a preferred source");
+        let err = index.prefer(&newer, &["nonesuch".into()]).unwrap_err();
+        assert_eq!(err.to_string(), "the newer archive has no package built from nonesuch");
     }
 }

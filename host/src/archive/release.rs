@@ -28,6 +28,8 @@ pub enum Freshness {
     At(i64),
     /// From a snapshot archive: `Valid-Until` is not checked.
     Snapshot,
+    /// The one a lock names by its SHA256: old by design, like a snapshot's.
+    Locked,
 }
 
 impl Freshness {

@@ -391,6 +391,7 @@ async fn run_steps(
         bare: false,
         proxy_mirrors: vec![recipe.mirror.clone()],
         pinned: vec![release.clone()],
+        appliance: options.lock.as_ref().map(|lock| lock.lock.helper.clone()),
     };
     let fetcher = Fetcher::default();
     let prepared = tokio::select! {

@@ -6,12 +6,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What the mirror does to a faulted `.deb`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Fault {
     /// Served as the real mirror serves it.
     None,
@@ -26,13 +25,9 @@ pub enum Fault {
 pub struct Mirror {
     /// What a recipe's `mirror:` names.
     pub url: String,
-    fault: Arc<AtomicU8>,
+    fault: Arc<Mutex<Fault>>,
     requests: Arc<AtomicU64>,
     faulted: Arc<AtomicU64>,
-}
-
-impl Fault {
-    const ALL: [Fault; 4] = [Fault::None, Fault::Status500, Fault::Truncated, Fault::Corrupted];
 }
 
 const UPSTREAM: &str = "http://deb.debian.org/debian";
@@ -43,12 +38,12 @@ impl Mirror {
     pub fn start(fault: Fault) -> Mirror {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/debian", listener.local_addr().unwrap());
-        let fault = Arc::new(AtomicU8::new(fault as u8));
+        let fault = Arc::new(Mutex::new(fault));
         let (requests, faulted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (s, r, f) = (fault.clone(), requests.clone(), faulted.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let fault = Fault::ALL[usize::from(s.load(Ordering::SeqCst))];
+                let fault = *s.lock().unwrap();
                 let (r, f) = (r.clone(), f.clone());
                 std::thread::spawn(move || {
                     let _ = serve(stream, fault, &r, &f);
@@ -65,7 +60,7 @@ impl Mirror {
 
     /// What the mirror does to the `.deb`s it is asked for from now on.
     pub fn set_fault(&self, fault: Fault) {
-        self.fault.store(fault as u8, Ordering::SeqCst);
+        *self.fault.lock().unwrap() = fault;
     }
 
     /// Requests so far.

@@ -225,6 +225,25 @@ impl Bench {
         running
     }
 
+    /// Interrupts `running` (of `cell`) with `signal` and checks what that left: after
+    /// Ctrl-C (to the group, as a terminal sends it) a clean failure that says it was
+    /// cancelled; after SIGKILL (to imgvm alone) no process, and its staging directory
+    /// for the next run to sweep. What it said, and when it ended.
+    fn interrupt(&self, cell: &Cell, running: Running, signal: i32) -> (String, f64) {
+        if signal == libc::SIGINT {
+            running.signal(signal, true);
+            let result = failure(cell, running, "cancelled");
+            self.assert_clean(cell);
+            return result;
+        }
+        running.signal(signal, false);
+        let (_, _, seconds) = running.finish();
+        self.assert_no_survivors(cell.name);
+        let staged = Bench::left_in(&cell.out);
+        assert!(staged.iter().any(|n| n.starts_with(".imgvm-build-")), "{staged:?}");
+        ("killed".into(), seconds)
+    }
+
     /// Starts `cell` and waits until its bootstrap is fetching from the mirror.
     fn start_downloading(&self, cell: &Cell) -> Running {
         let running = self.start(cell);
@@ -345,25 +364,19 @@ fn every_fault_in_the_bootstrap_ends_the_build_cleanly_and_names_its_cause() {
     // Ctrl-C while the bootstrap downloads: cancelled, saying so.
     let cell = bench.cell("bootstrap, Ctrl-C", Fault::None, "out");
     let running = bench.start_downloading(&cell);
-    running.signal(libc::SIGINT, true);
-    let (said, seconds) = failure(&cell, running, "cancelled");
-    bench.assert_clean(&cell);
+    let (said, seconds) = bench.interrupt(&cell, running, libc::SIGINT);
     matrix.push((cell.name, seconds, said));
 
     // SIGKILL of imgvm alone, as `kill -9` does: its children must die with it. What it
     // had under way stays until the next run into the same directory sweeps it.
     let cell = bench.cell("bootstrap, SIGKILL", Fault::None, "out");
     let running = bench.start_downloading(&cell);
-    running.signal(libc::SIGKILL, false);
-    let (_, _, seconds) = running.finish();
-    bench.assert_no_survivors(cell.name);
-    let staged = Bench::left_in(&cell.out);
-    assert!(staged.iter().any(|n| n.starts_with(".imgvm-build-")), "{staged:?}");
+    let (said, seconds) = bench.interrupt(&cell, running, libc::SIGKILL);
     assert!(
         !Bench::left_in(&bench.tmp).is_empty(),
         "the killed run left no run directory"
     );
-    matrix.push((cell.name, seconds, "killed".into()));
+    matrix.push((cell.name, seconds, said));
 
     // The mirror fails every package it is asked for, three ways, in three builds at once
     // (they mostly wait on retries). The first writes where the killed build did.
@@ -427,24 +440,18 @@ fn every_fault_in_a_late_step_or_the_conversion_ends_the_build_cleanly_and_names
     let cell = bench.cell_on("late step, Ctrl-C", LATE_SUITE, &mirror, sleep, "raw", "out");
     let running = bench.start_at(&cell, "(run)", UnderWay::Guest(Duration::from_secs(3)));
     assert!(running.stderr().contains("(bootstrap): from the step cache"));
-    running.signal(libc::SIGINT, true);
-    let (said, seconds) = failure(&cell, running, "cancelled");
-    bench.assert_clean(&cell);
+    let (said, seconds) = bench.interrupt(&cell, running, libc::SIGINT);
     matrix.push((cell.name, seconds, said));
 
     let cell = bench.cell_on("late step, SIGKILL", LATE_SUITE, &mirror, sleep, "raw", "out");
     let running = bench.start_at(&cell, "(run)", UnderWay::Guest(Duration::from_secs(3)));
-    running.signal(libc::SIGKILL, false);
-    let (_, _, seconds) = running.finish();
-    bench.assert_no_survivors(cell.name);
-    let staged = Bench::left_in(&cell.out);
-    assert!(staged.iter().any(|n| n.starts_with(".imgvm-build-")), "{staged:?}");
+    let (said, seconds) = bench.interrupt(&cell, running, libc::SIGKILL);
     let states = Bench::left_in(&bench.cache.join("states"));
     assert!(
         states.iter().any(|n| n.starts_with(".imgvm-")),
         "the killed run left no work disk in the step cache: {states:?}"
     );
-    matrix.push((cell.name, seconds, "killed".into()));
+    matrix.push((cell.name, seconds, said));
 
     // The helper's kernel panics in a late step; this build also writes where the killed
     // one did, and must sweep what it left (checked by assert_clean).
@@ -490,9 +497,7 @@ fn every_fault_in_a_late_step_or_the_conversion_ends_the_build_cleanly_and_names
         "out",
     );
     let running = bench.start_at(&cell, "output qcow2-compressed", UnderWay::Host("qemu-img"));
-    running.signal(libc::SIGINT, true);
-    let (said, seconds) = failure(&cell, running, "cancelled");
-    bench.assert_clean(&cell);
+    let (said, seconds) = bench.interrupt(&cell, running, libc::SIGINT);
     matrix.push((cell.name, seconds, said));
 
     let cell = bench.cell_on(
@@ -504,12 +509,8 @@ fn every_fault_in_a_late_step_or_the_conversion_ends_the_build_cleanly_and_names
         "out",
     );
     let running = bench.start_at(&cell, "output qcow2-compressed", UnderWay::Host("qemu-img"));
-    running.signal(libc::SIGKILL, false);
-    let (_, _, seconds) = running.finish();
-    bench.assert_no_survivors(cell.name);
-    let staged = Bench::left_in(&cell.out);
-    assert!(staged.iter().any(|n| n.starts_with(".imgvm-build-")), "{staged:?}");
-    matrix.push((cell.name, seconds, "killed".into()));
+    let (said, seconds) = bench.interrupt(&cell, running, libc::SIGKILL);
+    matrix.push((cell.name, seconds, said));
     // The next run into the same directory sweeps it and builds.
     let (code, stderr, _) = bench.start(&cell).finish();
     assert_eq!(code, Some(0), "the build after the kill failed:\n{stderr}");

@@ -417,15 +417,25 @@ async fn run_steps(
     let arch = recipe.arch.to_string();
     let mut work = work_disk::WorkDisk::new(store, keys, staging, size, &recipe.name, &arch).await?;
     if let (Some(sealed), Some((image, result))) = (sealed, work.finished()) {
-        // Unpacking the finished image takes a while for a large disk: Ctrl-C stops it
-        // too (dropping it kills its qemu-img).
-        let reused = reuse_finished(
-            options, settings, &plan, &prepared, release, &image, result, sealed, log,
-        );
-        return tokio::select! {
-            reused = reused => reused,
+        // Every phase, down to the finished image, is in the step cache: no helper VM
+        // boots. Unpacking takes a while for a large disk: Ctrl-C stops it too (dropping
+        // it kills its qemu-img).
+        tokio::select! {
+            unpacked = unpack_finished(&image, sealed) => unpacked?,
             _ = cancel.cancelled() => bail!("cancelled while unpacking the finished image from the step cache"),
         };
+        let findings: Findings = serde_json::from_value(result).context("the step cache's finished image")?;
+        for phase in &plan.phases {
+            tracing::info!("{}: from the step cache", phase.label);
+            log.line(&format!("== {}: from the step cache", phase.label));
+            timings.push(Timing {
+                step: phase.label.clone(),
+                seconds: 0.0,
+                cached: true,
+            });
+        }
+        let lock = stored_lock(options, settings, release, &findings, prepared.appliance(), log).await?;
+        return Ok((timings, findings, lock));
     }
     let last = plan.phases.len() - 1;
     let last_label = plan.phases[last].label.clone();
@@ -532,49 +542,36 @@ fn lock_of(
     lock
 }
 
-/// A build whose every phase the step cache has, down to the finished image: no helper
-/// VM boots. The image is the stored one, what the build found out about it is the
-/// stored result, and the lock is made from the pinned release's indices in the
-/// verified cache, as a build's proxy would have learnt them.
-#[allow(clippy::too_many_arguments)]
-async fn reuse_finished(
-    options: &BuildOptions,
-    settings: &crate::plan::Settings,
-    plan: &crate::plan::Plan,
-    prepared: &crate::helper::Prepared,
-    release: LockedRelease,
-    image: &Path,
-    result: serde_json::Value,
-    sealed: &Path,
-    log: &mut Log,
-) -> Result<(Vec<Timing>, Findings, Lock)> {
-    let recipe = &options.recipe;
-    let findings: Findings = serde_json::from_value(result).context("the step cache's finished image")?;
-    let mut timings = Vec::new();
-    for phase in &plan.phases {
-        tracing::info!("{}: from the step cache", phase.label);
-        log.line(&format!("== {}: from the step cache", phase.label));
-        timings.push(Timing {
-            step: phase.label.clone(),
-            seconds: 0.0,
-            cached: true,
-        });
-    }
+/// The finished image the step cache holds (qcow2), onto `sealed` (the raw disk).
+async fn unpack_finished(image: &Path, sealed: &Path) -> Result<()> {
     let args = ["convert", "-f", "qcow2", "-O", "raw"].map(std::ffi::OsStr::new);
     outputs::run(
         "qemu-img",
         &[&args[..], &[image.as_os_str(), sealed.as_os_str()]].concat(),
     )
-    .await?;
+    .await
+}
+
+/// The lock of a finished image from the step cache: made from the pinned release's
+/// indices in the verified cache, as a build's proxy would have learnt them.
+async fn stored_lock(
+    options: &BuildOptions,
+    settings: &crate::plan::Settings,
+    release: LockedRelease,
+    findings: &Findings,
+    appliance: crate::lock::HelperLock,
+    log: &mut Log,
+) -> Result<Lock> {
+    let recipe = &options.recipe;
     let proxy = crate::proxy::Proxy::new(std::slice::from_ref(&recipe.mirror), Fetcher::default());
     proxy.pin(&[release]);
     let learnt = proxy.clone();
     tokio::task::spawn_blocking(move || learnt.recall()).await?;
-    let lock = lock_of(recipe, settings, &findings, &proxy.listed(), prepared.appliance(), log);
+    let lock = lock_of(recipe, settings, findings, &proxy.listed(), appliance, log);
     if let Some(locked) = &options.lock {
         locked.followed_by(&lock)?;
     }
-    Ok((timings, findings, lock))
+    Ok(lock)
 }
 
 /// A phase whose result came from the step cache: only what it set up in the helper

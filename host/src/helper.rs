@@ -31,6 +31,8 @@ pub struct HelperOptions {
     pub bare: bool,
     /// Mirrors the guest's package proxy may fetch from, besides the appliance's own.
     pub proxy_mirrors: Vec<String>,
+    /// A mirror, and the archive that serves what it no longer has ([`crate::proxy::Proxy::fall_back`]).
+    pub fallback: Option<(String, String)>,
     /// Releases the proxy serves as a lock names them ([`crate::proxy::Proxy::pin`]).
     pub pinned: Vec<crate::lock::LockedRelease>,
     /// The appliance a lock names ([`Spec::pinned`]).
@@ -126,6 +128,9 @@ impl Helper {
         mirrors.extend(options.proxy_mirrors.iter().cloned());
         let proxy = crate::proxy::Proxy::new(&mirrors, fetcher.clone());
         proxy.pin(&options.pinned);
+        if let Some((mirror, archive)) = &options.fallback {
+            proxy.fall_back(mirror, archive);
+        }
         let fetcher = fetcher.clone();
         let stats = fetcher.clone();
         let appliance = tokio::task::spawn_blocking(move || spec.ensure(&fetcher, false)).await??;

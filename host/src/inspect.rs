@@ -62,6 +62,7 @@ pub async fn files(images: [&Image; 2], cancel: &CancellationToken) -> Result<[F
         suite: None,
         bare: false,
         proxy_mirrors: Vec::new(),
+        fallback: None,
         pinned: Vec::new(),
         appliance: None,
     };

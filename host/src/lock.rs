@@ -208,14 +208,19 @@ pub enum LockError {
     },
     #[error(
         "the release {url} that {path} names is not in imgvm's cache, and the mirror now serves another \
-         one: name a `snapshot:` in the recipe, or refresh the lock with `imgvm lock --update`"
+         one: {hint}, or refresh the lock with `imgvm lock --update`"
     )]
-    ReleaseGone { path: String, url: String },
+    ReleaseGone { path: String, url: String, hint: String },
     #[error(
-        "the mirror no longer has {count} package(s) that {path} names: {names}; name a `snapshot:` \
-         in the recipe that has them, or refresh the lock with `imgvm lock --update`"
+        "the mirror no longer has {count} package(s) that {path} names: {names}; {hint}, or refresh the \
+         lock with `imgvm lock --update`"
     )]
-    Gone { path: String, count: usize, names: String },
+    Gone {
+        path: String,
+        count: usize,
+        names: String,
+        hint: String,
+    },
     #[error("cannot check the lock's packages on the mirror: {0}")]
     Mirror(String),
     #[error("{0}")]
@@ -300,21 +305,43 @@ impl LockFile {
     }
 
     /// Before any VM starts: every release and package the lock names can still be had,
-    /// from imgvm's cache (`store`) or from the mirror.
+    /// from imgvm's cache (`store`), from the mirror or from the `fallback` archive (a
+    /// snapshot of it). A release only the fallback still has is put into the store,
+    /// where the package proxy serves it from.
     pub fn available(
         &self,
         release: &LockedRelease,
+        fallback: Option<&str>,
         fetcher: &crate::archive::Fetcher,
         store: &std::path::Path,
     ) -> Result<(), LockError> {
+        let mirror_error = |e: anyhow::Error| LockError::Mirror(format!("{e:#}"));
+        // The same path in the fallback archive, for a file of the lock's mirror.
+        let elsewhere = |url: &str| {
+            let rest = url.strip_prefix(self.lock.mirror.as_str())?;
+            fallback.map(|f| format!("{}/{}", f.trim_end_matches('/'), rest.trim_start_matches('/')))
+        };
         if !store.join(&release.sha256).exists() {
-            let current = fetcher
-                .get(&release.url)
-                .map_err(|e| LockError::Mirror(format!("{e:#}")))?;
-            if crate::archive::hex(&sha2::Sha256::digest(&current)) != release.sha256 {
+            let mut candidates = vec![release.url.clone()];
+            candidates.extend(elsewhere(&release.url));
+            let mut found = false;
+            for url in &candidates {
+                let body = match fetcher.get(url) {
+                    Ok(body) => body,
+                    Err(_) if url != &release.url => continue,
+                    Err(e) => return Err(mirror_error(e)),
+                };
+                if crate::archive::hex(&sha2::Sha256::digest(&body)) == release.sha256 {
+                    crate::archive::keep(store, &body, &release.sha256).map_err(mirror_error)?;
+                    found = true;
+                    break;
+                }
+            }
+            if !found {
                 return Err(LockError::ReleaseGone {
                     path: self.shown(),
                     url: release.url.clone(),
+                    hint: self.snapshot_hint(fallback),
                 });
             }
         }
@@ -324,9 +351,15 @@ impl LockFile {
             .iter()
             .filter(|p| !store.join(&p.sha256).exists())
             .collect();
-        let present =
-            crate::archive::in_parallel(&wanted, 8, |p| fetcher.exists(&format!("{}/{}", p.archive, p.filename)))
-                .map_err(|e| LockError::Mirror(format!("{e:#}")))?;
+        let present = crate::archive::in_parallel(&wanted, 8, |p| {
+            let url = format!("{}/{}", p.archive, p.filename);
+            match (fetcher.exists(&url)?, elsewhere(&url)) {
+                (true, _) => Ok(true),
+                (false, Some(url)) => fetcher.exists(&url),
+                (false, None) => Ok(false),
+            }
+        })
+        .map_err(mirror_error)?;
         let mut gone: Vec<&LockedPackage> = wanted
             .iter()
             .zip(present)
@@ -344,7 +377,28 @@ impl LockFile {
             path: self.shown(),
             count: names.len(),
             names: names.join(", "),
+            hint: self.snapshot_hint(fallback),
         })
+    }
+
+    /// What to do about what the mirror lost: name a snapshot of the lock's day, or
+    /// another one than `fallback`, which lacks it too.
+    fn snapshot_hint(&self, fallback: Option<&str>) -> String {
+        let day = self
+            .lock
+            .releases
+            .iter()
+            .filter_map(LockedRelease::seconds)
+            .max()
+            .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+            .map(|t| format!("{:04}{:02}{:02}T235959Z", t.year(), u8::from(t.month()), t.day()))
+            .unwrap_or_else(|| "YYYYMMDDTHHMMSSZ".into());
+        match fallback {
+            None => format!("name a snapshot that has them in the recipe (`snapshot: {day}`, the lock's day)"),
+            Some(url) => format!(
+                "the snapshot {url} does not have them either: name another (`snapshot: {day}`, the lock's day)"
+            ),
+        }
     }
 
     /// After the build: it installed exactly what the lock names.
@@ -593,7 +647,15 @@ pub(crate) mod tests {
                 ok("")
             }
         });
+        let snapshot = serve(|path| {
+            if path.contains("gone") {
+                ok("")
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+            }
+        });
         let mut locked = lock(&[("bash", "5.2"), ("gone", "1"), ("cached-gone", "2")]);
+        locked.mirror = base.clone();
         for p in &mut locked.packages {
             p.archive = base.clone();
             p.sha256 = crate::archive::hex(&sha2::Sha256::digest(&p.name));
@@ -605,10 +667,27 @@ pub(crate) mod tests {
         let cached = locked.packages.iter().find(|p| p.name == "cached-gone").unwrap();
         std::fs::write(store.path().join(&cached.sha256), "").unwrap();
         let fetcher = crate::archive::Fetcher::new(std::time::Duration::from_millis(1));
-        let err = file(locked).available(&release, &fetcher, store.path()).unwrap_err();
+        let locked = file(locked);
+        let err = locked.available(&release, None, &fetcher, store.path()).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("the mirror no longer has 1 package(s) that test-amd64.lock names: gone 1 (amd64);"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("`snapshot: 20261128T235959Z`, the lock's day"),
+            "{err}"
+        );
+        // A snapshot that has it will do; one that does not is named.
+        assert!(locked
+            .available(&release, Some(&snapshot), &fetcher, store.path())
+            .is_ok());
+        let err = locked
+            .available(&release, Some(&base), &fetcher, store.path())
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("the snapshot {base} does not have them either")),
             "{err}"
         );
     }

@@ -448,7 +448,7 @@ async fn build(args: BuildArgs) -> Result<u8> {
         ..build_options(recipe, args.output, args.helper)
     };
     if args.dry_run {
-        let plan = imgvm::build::plan(&options).await?;
+        let plan = imgvm::build::plan(options).await?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&plan)?);
         } else {
@@ -492,6 +492,7 @@ fn build_options(
         lock: None,
         lock_only: false,
         no_cache: false,
+        fallback: None,
     }
 }
 
@@ -644,6 +645,7 @@ fn helper_options(vm: VmArgs, disks: Vec<PathBuf>, memory_mib: u32, cpus: Option
         suite: vm.suite,
         bare: false,
         proxy_mirrors: Vec::new(),
+        fallback: None,
         pinned: Vec::new(),
         appliance: None,
     }

@@ -410,6 +410,36 @@ fn a_copy_from_outside_the_recipe_directory_is_refused_where_it_is_written() {
 }
 
 #[test]
+fn a_snapshot_is_a_timestamp_or_an_archive_url_and_stands_in_for_the_mirror() {
+    let (_dir, recipe) = load(
+        &[("r.yaml", &format!("{BASE}snapshot: 20261120T000000Z\n"))],
+        Arch::Amd64,
+    );
+    let recipe = recipe.unwrap();
+    assert_eq!(
+        recipe.mirror,
+        "http://snapshot.debian.org/archive/debian/20261120T000000Z"
+    );
+    assert_eq!(recipe.snapshot_for.as_deref(), Some("http://deb.debian.org/debian"));
+    let text = format!(
+        "{BASE}mirror: https://ftp.de.debian.org/debian\nsnapshot: https://snap.example.org/debian/20261120/\n"
+    );
+    let (_dir, recipe) = load(&[("r.yaml", &text)], Arch::Amd64);
+    let recipe = recipe.unwrap();
+    assert_eq!(recipe.mirror, "https://snap.example.org/debian/20261120");
+    assert_eq!(recipe.snapshot_for.as_deref(), Some("https://ftp.de.debian.org/debian"));
+    assert_eq!(
+        error(&format!("{BASE}snapshot: yesterday\n"), Arch::Amd64),
+        "DIR/r.yaml:8:11: invalid snapshot `yesterday`: expected a timestamp like 20261120T000000Z or an http(s):// URL"
+    );
+    let err = error(&format!("{BASE}snapshot: http://127.0.0.1:9/debian\n"), Arch::Amd64);
+    assert!(
+        err.starts_with("DIR/r.yaml:8:1: mirror `http://127.0.0.1:9/debian` is on this machine"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_mirror_on_this_machine_is_refused_unless_trusted() {
     let recipe = format!("{BASE}mirror: http://127.0.0.1:3142/debian\n");
     let err = error(&recipe, Arch::Amd64);

@@ -20,6 +20,9 @@ pub enum Fault {
     Truncated,
     /// Every byte sent, some of them flipped.
     Corrupted,
+    /// `404 Not Found` for the `.deb`s of this package, as a mirror that dropped a
+    /// superseded version answers; the others as the real mirror serves them.
+    Gone(&'static str),
 }
 
 pub struct Mirror {
@@ -88,11 +91,17 @@ fn serve(stream: TcpStream, fault: Fault, requests: &AtomicU64, faulted: &Atomic
     }
     requests.fetch_add(1, Ordering::SeqCst);
     let mut out = stream;
+    let head_only = request_line.starts_with("HEAD ");
     let path = request_line.split(' ').nth(1).unwrap_or("/").to_owned();
     let Some(rest) = path.strip_prefix("/debian/") else {
         return out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     };
     let fault = if rest.ends_with(".deb") { fault } else { Fault::None };
+    let file = rest.rsplit('/').next().unwrap_or_default();
+    if matches!(fault, Fault::Gone(name) if file.starts_with(&format!("{name}_"))) {
+        faulted.fetch_add(1, Ordering::SeqCst);
+        return out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
     if fault == Fault::Status500 {
         faulted.fetch_add(1, Ordering::SeqCst);
         return out.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -113,6 +122,9 @@ fn serve(stream: TcpStream, fault: Fault, requests: &AtomicU64, faulted: &Atomic
     let len = body.len();
     let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n");
     out.write_all(head.as_bytes())?;
+    if head_only {
+        return Ok(());
+    }
     match fault {
         Fault::Truncated => {
             faulted.fetch_add(1, Ordering::SeqCst);

@@ -2,16 +2,20 @@
 //! exactly that, a lock naming a package the mirror no longer has fails the build
 //! before any VM starts, naming the package, and two builds from one lock are the same
 //! image, byte for byte: one from the states `imgvm lock` left in the step cache, one
-//! from an empty disk.
+//! from an empty disk after the mirror dropped a locked package, which then comes from
+//! the recipe's `snapshot:`.
 
-use imgvm_e2e::{give_to_user, imgvm, run_ok, workdir};
+use imgvm_e2e::mirror::{Fault, Mirror};
+use imgvm_e2e::{give_to_user, imgvm, run_ok, user_cache_dir, workdir};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The smallest recipe that bootstraps (mmdebstrap's `essential` variant), on Debian's
-/// amd64 layout: a GPT with BIOS boot, an ESP with a file in a directory, and root.
+/// amd64 layout: a GPT with BIOS boot, an ESP with a file in a directory, and root. Its
+/// mirror (`MIRROR`) is local, so that it can lose a package.
 const RECIPE: &str = "name: locked
 suite: trixie
+mirror: MIRROR
 disk:
   size: 1GiB
   table: gpt
@@ -32,12 +36,18 @@ fn json(path: &std::path::Path) -> serde_json::Value {
 #[test]
 fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
     let dir = workdir("lock");
+    let (mirror, snapshot) = (Mirror::start(Fault::None), Mirror::start(Fault::None));
     let recipe = dir.join("locked.yaml");
-    std::fs::write(&recipe, RECIPE).unwrap();
+    std::fs::write(&recipe, RECIPE.replace("MIRROR", &mirror.url)).unwrap();
     give_to_user(&recipe);
+    // The same recipe naming a snapshot (another local mirror) for what its mirror lost.
+    let with_snapshot = dir.join("with-snapshot.yaml");
+    let text = RECIPE.replace("MIRROR", &mirror.url) + &format!("snapshot: {}\n", snapshot.url);
+    std::fs::write(&with_snapshot, text).unwrap();
+    give_to_user(&with_snapshot);
 
     // `imgvm lock` writes the lock beside the recipe, and nothing else there.
-    let printed = run_ok(imgvm(["lock", "--arch", "amd64"]).arg(&recipe));
+    let printed = run_ok(imgvm(["lock", "--trust-recipe", "--arch", "amd64"]).arg(&recipe));
     let lock_file = dir.join("locked-amd64.lock");
     assert_eq!(printed.trim(), lock_file.display().to_string());
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -45,7 +55,7 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["locked-amd64.lock", "locked.yaml"]);
+    assert_eq!(names, ["locked-amd64.lock", "locked.yaml", "with-snapshot.yaml"]);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&lock_file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o644, "a lock to commit, readable by all");
@@ -53,7 +63,10 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
     let packages = lock["packages"].as_array().unwrap();
     assert!(packages.iter().any(|p| p["name"] == "dpkg"), "{lock}");
     // Without --update an existing lock is kept.
-    let again = imgvm(["lock", "--arch", "amd64"]).arg(&recipe).output().unwrap();
+    let again = imgvm(["lock", "--trust-recipe", "--arch", "amd64"])
+        .arg(&recipe)
+        .output()
+        .unwrap();
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--update"), "{again:?}");
 
@@ -73,7 +86,7 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
     give_to_user(&stale_file);
     let out = dir.join("out-stale");
     let started = Instant::now();
-    let failed = imgvm(["build", "--arch", "amd64", "--lock"])
+    let failed = imgvm(["build", "--trust-recipe", "--arch", "amd64", "--lock"])
         .arg(&stale_file)
         .arg("-o")
         .arg(&out)
@@ -104,7 +117,7 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
     std::fs::write(&other_file, serde_json::to_vec_pretty(&other_helper).unwrap()).unwrap();
     give_to_user(&other_file);
     let started = Instant::now();
-    let failed = imgvm(["build", "--arch", "amd64", "--lock"])
+    let failed = imgvm(["build", "--trust-recipe", "--arch", "amd64", "--lock"])
         .arg(&other_file)
         .arg("-o")
         .arg(&out)
@@ -121,15 +134,30 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
     assert!(!out.exists(), "the refused build started: {} exists", out.display());
 
     // The build beside the lock follows it: it installs exactly the locked packages.
+    // (This recipe names a snapshot too: a lock from its mirror is followed from the
+    // mirror, as if it named none, while the mirror has everything.)
     let out = dir.join("out");
-    let built = imgvm(["--log-format", "json", "build", "--arch", "amd64", "-o"])
-        .arg(&out)
-        .arg(&recipe)
-        .output()
-        .unwrap();
+    let built = imgvm([
+        "--log-format",
+        "json",
+        "build",
+        "--trust-recipe",
+        "--arch",
+        "amd64",
+        "-o",
+    ])
+    .arg(&out)
+    .arg(&with_snapshot)
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&built.stderr);
     assert!(built.status.success(), "{stderr}");
     assert!(stderr.contains("following the lock"), "{stderr}");
+    assert_eq!(
+        snapshot.requests(),
+        0,
+        "the snapshot was asked while the mirror had everything"
+    );
     let written = json(&out.join("locked-amd64.lock"));
     assert_eq!(written["packages"], lock["packages"]);
     assert_eq!(written["releases"], lock["releases"]);
@@ -137,8 +165,9 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
     assert_eq!(written["helper"], lock["helper"]);
 
     // That build started from the states `imgvm lock` left in the step cache; built again
-    // from the same lock from an empty disk (`--no-cache`): the same bytes, and
-    // `imgvm diff` finds nothing.
+    // from the same lock from an empty disk (`--no-cache`), after the mirror dropped
+    // bash and imgvm's cache lost it: bash comes from the snapshot, the image names the
+    // mirror as before, and the two are the same bytes; `imgvm diff` finds nothing.
     let cached = |out: &std::path::Path| -> Vec<String> {
         let manifest = json(&out.join("locked-amd64.manifest.json"));
         let steps = manifest["steps"].as_array().unwrap().iter();
@@ -151,13 +180,28 @@ fn a_build_follows_its_lock_and_a_lock_the_mirror_cannot_serve_fails_at_once() {
         cached(&out),
         ["partition and format", "step 1/3 (bootstrap)", "step 2/3 (run)"]
     );
+    let bash = lock["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "bash")
+        .unwrap()["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stored_bash = user_cache_dir().join("archive/sha256").join(&bash);
+    std::fs::remove_file(&stored_bash).unwrap();
+    mirror.set_fault(Fault::Gone("bash"));
     let again = dir.join("out-again");
     run_ok(
-        imgvm(["build", "--no-cache", "--arch", "amd64", "-o"])
+        imgvm(["build", "--trust-recipe", "--no-cache", "--arch", "amd64", "-o"])
             .arg(&again)
-            .arg(&recipe),
+            .arg(&with_snapshot),
     );
     assert_eq!(cached(&again), Vec::<String>::new());
+    assert!(mirror.faults_served() > 0, "the mirror was not asked for bash");
+    assert!(stored_bash.exists(), "bash did not come from the snapshot");
+    assert_eq!(json(&again.join("locked-amd64.lock"))["mirror"], lock["mirror"]);
     let sums = |dir: &std::path::Path| -> Vec<String> {
         let text = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
         // The manifest records the run (its times): everything else is the same.

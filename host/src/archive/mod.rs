@@ -103,18 +103,8 @@ impl Archive {
         Release::verify(&signed, &self.suite, Freshness::Locked).with_context(|| format!("verifying {}", pin.url))
     }
 
-    /// Puts `body`, whose SHA256 is `sha256`, into the verified store.
     fn keep(&self, body: &[u8], sha256: &str) -> Result<()> {
-        let path = self.store.join(sha256);
-        if path.exists() {
-            crate::cache::touch(&path);
-            return Ok(());
-        }
-        std::fs::create_dir_all(&self.store).with_context(|| format!("creating {}", self.store.display()))?;
-        let mut tmp = crate::leftovers::partial_file(&self.store)?;
-        std::io::Write::write_all(&mut tmp, body)?;
-        tmp.persist(&path)?;
-        Ok(())
+        keep(&self.store, body, sha256)
     }
 
     /// `package` as the lock records it.
@@ -138,6 +128,20 @@ impl Archive {
         }
         Ok(path)
     }
+}
+
+/// Puts `body`, which was checked to have the SHA256 `sha256`, into the verified `store`.
+pub fn keep(store: &Path, body: &[u8], sha256: &str) -> Result<()> {
+    let path = store.join(sha256);
+    if path.exists() {
+        crate::cache::touch(&path);
+        return Ok(());
+    }
+    std::fs::create_dir_all(store).with_context(|| format!("creating {}", store.display()))?;
+    let mut tmp = crate::leftovers::partial_file(store)?;
+    std::io::Write::write_all(&mut tmp, body)?;
+    tmp.persist(&path)?;
+    Ok(())
 }
 
 /// `work` on every item, `workers` at a time (the mirror's latency, not our bandwidth,

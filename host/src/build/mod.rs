@@ -37,6 +37,29 @@ pub struct BuildOptions {
     pub lock_only: bool,
     /// Neither reuse nor store states of the image after its steps ([`crate::states`]).
     pub no_cache: bool,
+    /// Where the files the mirror no longer has are fetched: the recipe's snapshot, when
+    /// the build follows a lock from the mirror it stands in for. Decided by the build
+    /// ([`follow_lock_mirror`]).
+    pub fallback: Option<String>,
+}
+
+/// A lock written from the mirror that the recipe's `snapshot:` stands in for is
+/// followed from that mirror, so that the image names it as the locked one did; the
+/// snapshot then serves only what the mirror no longer has.
+fn follow_lock_mirror(mut options: BuildOptions) -> BuildOptions {
+    let recipe = &mut options.recipe;
+    if let (Some(lock), Some(declared)) = (&options.lock, &recipe.snapshot_for) {
+        if lock.lock.mirror == *declared && lock.lock.mirror != recipe.mirror {
+            tracing::info!(
+                "following the lock from {declared}; what it no longer has comes from {}",
+                recipe.mirror
+            );
+            let snapshot = std::mem::replace(&mut recipe.mirror, declared.clone());
+            recipe.snapshot_for = None;
+            options.fallback = Some(snapshot);
+        }
+    }
+    options
 }
 
 /// Wall time of one phase of the build, for the log, the manifest and `bench build`.
@@ -149,6 +172,7 @@ impl Log {
 }
 
 pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<Report> {
+    let options = follow_lock_mirror(options);
     let removed = crate::cache::trim(&crate::cache::verified(), crate::cache::limit());
     if removed > 0 {
         tracing::info!("cache: removed {} of least recently used packages", HumanBytes(removed));
@@ -280,9 +304,10 @@ fn trim_states() {
 }
 
 /// What `imgvm build --dry-run` prints: the plan this build would carry out.
-pub async fn plan(options: &BuildOptions) -> Result<crate::plan::Plan> {
-    let (_, epoch) = resolve(options, false).await?;
-    Ok(crate::plan::plan(&options.recipe, &settings(options, epoch)))
+pub async fn plan(options: BuildOptions) -> Result<crate::plan::Plan> {
+    let options = follow_lock_mirror(options);
+    let (_, epoch) = resolve(&options, false).await?;
+    Ok(crate::plan::plan(&options.recipe, &settings(&options, epoch)))
 }
 
 fn settings(options: &BuildOptions, epoch: i64) -> crate::plan::Settings {
@@ -304,10 +329,15 @@ async fn resolve(options: &BuildOptions, check_packages: bool) -> Result<(Locked
         Some(lock) => {
             tracing::info!("following the lock {}", lock.path.display());
             let release = lock.check(&subject(recipe))?.clone();
-            let lock = lock.clone();
+            let (lock, fallback) = (lock.clone(), options.fallback.clone());
             tokio::task::spawn_blocking(move || {
-                lock.available(&release, &Fetcher::default(), &crate::cache::verified())
-                    .map(|()| release)
+                lock.available(
+                    &release,
+                    fallback.as_deref(),
+                    &Fetcher::default(),
+                    &crate::cache::verified(),
+                )
+                .map(|()| release)
             })
             .await??
         }
@@ -390,6 +420,7 @@ async fn run_steps(
         suite: options.helper_suite.clone(),
         bare: false,
         proxy_mirrors: vec![recipe.mirror.clone()],
+        fallback: options.fallback.clone().map(|archive| (recipe.mirror.clone(), archive)),
         pinned: vec![release.clone()],
         appliance: options.lock.as_ref().map(|lock| lock.lock.helper.clone()),
     };

@@ -47,6 +47,9 @@ pub struct Proxy {
     failing: std::sync::atomic::AtomicU32,
     /// Release URLs whose `InRelease` must be the one a lock names: its SHA256.
     pinned: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// A mirror's prefix, the prefix of an archive (a snapshot of it) that serves what
+    /// the mirror fails to, and the fetcher for that archive ([`Proxy::fall_back`]).
+    fallback: std::sync::OnceLock<(String, String, Fetcher)>,
 }
 
 /// Mirror failures remembered for the error of the step they broke.
@@ -85,7 +88,21 @@ impl Proxy {
             failures: Default::default(),
             failing: Default::default(),
             pinned: Default::default(),
+            fallback: Default::default(),
         })
+    }
+
+    /// Files under `mirror` that it fails to deliver, or delivers other than a signed
+    /// index or the lock says, are fetched from `archive` instead (same path), and are
+    /// checked the same way: a lock's packages the mirror dropped, from a snapshot.
+    pub fn fall_back(&self, mirror: &str, archive: &str) {
+        let prefix = format!("{}/", archive.trim_end_matches('/'));
+        let only = vec![prefix.clone()];
+        let fetcher = self
+            .fetcher
+            .redirecting_only_to(Arc::new(move |url: &str| under(&only, url)));
+        let mirror = format!("{}/", mirror.trim_end_matches('/'));
+        let _ = self.fallback.set((mirror, prefix, fetcher));
     }
 
     /// `.deb` files (downloaded from the mirror, served from the cache) so far.
@@ -267,9 +284,53 @@ impl Proxy {
                 "not asking the mirror again: it failed the last {FAILURES_IN_A_ROW} files it was asked for"
             )));
         }
-        let (fetcher, owned_url, dir) = (self.fetcher.clone(), url.to_owned(), self.store.clone());
-        let (known, owned_path) = (self.known.clone(), path.clone());
-        let fetched = tokio::task::spawn_blocking(move || {
+        let mut sources = vec![(url.to_owned(), self.fetcher.clone())];
+        if let Some((mirror, archive, fetcher)) = self.fallback.get().filter(|_| listed) {
+            if let Some(rest) = url.strip_prefix(mirror.as_str()) {
+                sources.push((format!("{archive}{rest}"), fetcher.clone()));
+            }
+        }
+        let last = sources.len() - 1;
+        for (i, (source, fetcher)) in sources.into_iter().enumerate() {
+            match self
+                .fetch(&source, fetcher, &path, release, deb, expected.as_ref(), authority)
+                .await
+            {
+                Err(e) if i < last => {
+                    tracing::info!("package proxy: {e:#}; asking {source}'s fallback");
+                }
+                Err(e) => {
+                    // A file the signed indexes list is one the guest cannot do without.
+                    if listed {
+                        self.failed(format!("{e:#}"));
+                    }
+                    return Err(e);
+                }
+                Ok(file) => {
+                    self.delivered();
+                    return Ok(file);
+                }
+            }
+        }
+        unreachable!("there is always the mirror to ask")
+    }
+
+    /// `url` fetched with `fetcher` and checked against `expected` (from `authority`):
+    /// stored when it matches, or when it is a release that verifies.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch(
+        &self,
+        url: &str,
+        fetcher: Fetcher,
+        path: &str,
+        release: bool,
+        deb: bool,
+        expected: Option<&Expected>,
+        authority: &str,
+    ) -> anyhow::Result<std::fs::File> {
+        let (owned_url, dir) = (url.to_owned(), self.store.clone());
+        let (known, owned_path) = (self.known.clone(), path.to_owned());
+        let (tmp, sha256, verified_release) = tokio::task::spawn_blocking(move || {
             let mut tmp = fetcher.fetch(&owned_url, &dir)?;
             tmp.rewind()?;
             let sha256 = sha256_of(tmp.as_file_mut())?;
@@ -277,22 +338,13 @@ impl Proxy {
             known.index(&sha256, tmp.path());
             anyhow::Ok((tmp, sha256, verified))
         })
-        .await?;
-        // A file the signed indexes list is one the guest cannot do without.
-        let (tmp, sha256, verified_release) = match fetched {
-            Err(e) if listed => {
-                self.failed(format!("{e:#}"));
-                return Err(e);
-            }
-            fetched => fetched?,
-        };
+        .await??;
         let len = tmp.as_file().metadata()?.len();
         self.bytes_downloaded.fetch_add(len, Ordering::Relaxed);
         if deb {
             self.debs_downloaded.fetch_add(1, Ordering::Relaxed);
         }
         let Some(expected) = expected else {
-            self.delivered();
             if verified_release {
                 // Kept, so that a lock naming it can be followed once the mirror moved on.
                 let mut file = tmp.persist(self.store.join(&sha256))?;
@@ -309,10 +361,8 @@ impl Proxy {
                 expected.size.map_or("any size".into(), |s| format!("{s} bytes")),
                 expected.sha256
             );
-            self.failed(why.clone());
             return Err(anyhow::Error::new(Status(502)).context(why));
         }
-        self.delivered();
         let mut file = tmp.persist(self.store.join(&sha256))?;
         file.rewind()?;
         Ok(file)
@@ -678,6 +728,48 @@ mod tests {
             "{:?}",
             proxy.failures()
         );
+    }
+
+    #[tokio::test]
+    async fn what_the_mirror_lost_comes_from_the_fallback_checked_as_well() {
+        use crate::test_http::{ok, serve};
+        let base = serve(|path| {
+            if path.ends_with("/InRelease") {
+                ok("today's release")
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+            }
+        });
+        let snapshot = serve(|path| match path {
+            p if p.ends_with("/InRelease") => ok("the lock's release"),
+            p if p.ends_with(&hex(&Sha256::digest("lost"))) => ok("lost"),
+            _ => ok("not what the index says"),
+        });
+        let store = tempfile::tempdir().unwrap();
+        let (proxy, mirror) = on_mirror(&base, store.path());
+        proxy.fall_back(&mirror, &format!("{snapshot}/archive/20261128T000000Z"));
+        let get = |path: &str| format!("GET {mirror}/{path} HTTP/1.1\r\nConnection: close\r\n\r\n");
+        // A pinned release the mirror has moved on from, and a package it dropped.
+        proxy.pin(&[crate::lock::LockedRelease {
+            url: format!("{mirror}/dists/trixie/InRelease"),
+            sha256: hex(&Sha256::digest("the lock's release")),
+            date: String::new(),
+        }]);
+        assert!(exchange(proxy.clone(), &get("dists/trixie/InRelease"))
+            .await
+            .ends_with("the lock's release"));
+        let by_hash = |body: &str| format!("dists/trixie/main/by-hash/SHA256/{}", hex(&Sha256::digest(body)));
+        let out = exchange(proxy.clone(), &get(&by_hash("lost"))).await;
+        assert!(
+            out.starts_with("HTTP/1.1 200 ") && out.ends_with("\r\n\r\nlost"),
+            "{out}"
+        );
+        // The fallback is checked as the mirror is: other bytes are refused.
+        let out = exchange(proxy.clone(), &get(&by_hash("the real one"))).await;
+        assert!(out.starts_with("HTTP/1.1 502 "), "{out}");
+        // Files no index lists are not looked for elsewhere.
+        let out = exchange(proxy.clone(), &get("pool/main/unlisted.deb")).await;
+        assert!(out.starts_with("HTTP/1.1 404 "), "{out}");
     }
 
     #[tokio::test]

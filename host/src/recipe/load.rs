@@ -97,12 +97,13 @@ pub fn load(path: &Path, arch_override: Option<Arch>, trust: Trust) -> Result<Re
         steps.push(Step::Finalize(Finalize { trim: true }));
     }
     let outputs = merged.outputs.clone().unwrap_or_else(|| vec![OutputFormat::Raw]);
-    let mirror = match &merged.snapshot {
-        Some(Snapshot(stamp)) => format!("http://snapshot.debian.org/archive/debian/{stamp}"),
-        None => merged
-            .mirror
-            .clone()
-            .map_or_else(|| "http://deb.debian.org/debian".to_owned(), |m| m.0),
+    let declared = merged
+        .mirror
+        .clone()
+        .map_or_else(|| "http://deb.debian.org/debian".to_owned(), |m| m.0);
+    let (mirror, snapshot_for) = match &merged.snapshot {
+        Some(Snapshot(url)) => (url.clone(), Some(declared)),
+        None => (declared, None),
     };
 
     let mut recipe = Recipe {
@@ -111,6 +112,7 @@ pub fn load(path: &Path, arch_override: Option<Arch>, trust: Trust) -> Result<Re
         arch,
         suite,
         mirror,
+        snapshot_for,
         components: merged.components.clone().unwrap_or_else(|| vec!["main".into()]),
         disk_size: size,
         table,
@@ -132,8 +134,12 @@ pub fn load(path: &Path, arch_override: Option<Arch>, trust: Trust) -> Result<Re
         },
     };
     super::validate::check(&recipe, &locate)?;
-    if merged.snapshot.is_none() {
-        trust::mirror(&recipe.mirror, trust).map_err(|message| err("mirror:", message))?;
+    match &recipe.snapshot_for {
+        None => trust::mirror(&recipe.mirror, trust).map_err(|message| err("mirror:", message))?,
+        Some(declared) => {
+            trust::mirror(&recipe.mirror, trust).map_err(|message| err("snapshot:", message))?;
+            trust::mirror(declared, trust).map_err(|message| err("mirror:", message))?;
+        }
     }
     let dir = recipe.dir().to_owned();
     for step in &mut recipe.steps {

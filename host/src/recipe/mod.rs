@@ -29,8 +29,12 @@ pub struct Recipe {
     pub description: Option<String>,
     pub arch: Arch,
     pub suite: String,
-    /// The mirror packages come from (a snapshot.debian.org URL with `snapshot:`).
+    /// The mirror packages come from (the snapshot archive with `snapshot:`).
     pub mirror: String,
+    /// With `snapshot:`, the mirror the snapshot stands in for (`mirror:`, or the
+    /// default): a lock written from that mirror is followed from it, and the snapshot
+    /// serves only what the mirror no longer has, so the image names the same mirror.
+    pub snapshot_for: Option<String>,
     pub components: Vec<String>,
     pub disk_size: Size,
     pub table: TableKind,

@@ -29,7 +29,9 @@ pub struct Body {
     pub arches: Option<Vec<Arch>>,
     pub suite: Option<String>,
     pub mirror: Option<Mirror>,
-    /// A snapshot.debian.org timestamp (`20261120T000000Z`); replaces the mirror.
+    /// The archive as it was at one time: a snapshot.debian.org timestamp
+    /// (`20261120T000000Z`) or the URL of another snapshot archive. Replaces the mirror,
+    /// except for a lock written from the mirror (see [`super::Recipe::snapshot_for`]).
     pub snapshot: Option<Snapshot>,
     pub components: Option<Vec<String>>,
     pub disk: Option<DiskBody>,
@@ -134,7 +136,8 @@ impl<'de> Deserialize<'de> for Mirror {
     }
 }
 
-/// `YYYYMMDDTHHMMSSZ`, as snapshot.debian.org names its states.
+/// A snapshot archive's URL: from a timestamp `YYYYMMDDTHHMMSSZ`, as
+/// snapshot.debian.org names its states, or given as an `http(s)://` URL.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Snapshot(pub String);
 
@@ -142,15 +145,18 @@ impl<'de> Deserialize<'de> for Snapshot {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         let b = s.as_bytes();
-        let ok =
+        let stamp =
             b.len() == 16 && b[8] == b'T' && b[15] == b'Z' && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
-        if ok {
-            Ok(Snapshot(s))
-        } else {
-            Err(serde::de::Error::custom(format!(
-                "invalid snapshot `{s}`: expected a timestamp like 20261120T000000Z"
-            )))
+        if stamp {
+            return Ok(Snapshot(format!("http://snapshot.debian.org/archive/debian/{s}")));
         }
+        if s.starts_with("http://") || s.starts_with("https://") {
+            let Mirror(url) = Mirror::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(&s))?;
+            return Ok(Snapshot(url));
+        }
+        Err(serde::de::Error::custom(format!(
+            "invalid snapshot `{s}`: expected a timestamp like 20261120T000000Z or an http(s):// URL"
+        )))
     }
 }
 

@@ -2,6 +2,7 @@
 
 use crate::arch::Arch;
 use crate::vm::vsock;
+use std::io::Write as _;
 use std::path::Path;
 
 struct Check {
@@ -129,7 +130,8 @@ pub fn run() -> bool {
             (false, false) => "--  ",
         };
         all_required &= check.ok || !check.required;
-        println!("{mark:8} {:40} {}", check.what, check.detail);
+        // A reader that stopped reading (`| head`) is not worth a panic.
+        let _ = writeln!(std::io::stdout().lock(), "{mark:8} {:40} {}", check.what, check.detail);
     }
     all_required
 }

@@ -1,7 +1,7 @@
 //! The `imgvm` command line.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use imgvm::arch::Arch;
 use imgvm::helper::HelperOptions;
 use imgvm::run::{CopySpec, RunRequest};
@@ -13,16 +13,42 @@ use tokio_util::sync::CancellationToken;
 
 /// Build operating-system disk images without root, in a helper VM.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_long_help = exit::HELP)]
 struct Cli {
-    /// More detail in the log (-v debug, -vv trace).
+    /// More detail in the log (-v imgvm's debug lines, -vv its trace and the libraries'
+    /// debug lines, -vvv everything).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     /// Log lines as text or as JSON objects (for CI).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Colours in log lines: `auto` when stderr is a terminal and NO_COLOR is not set.
+    #[arg(long, value_enum, default_value_t = Color::Auto, global = true)]
+    color: Color,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+impl Color {
+    /// Colours for a person at a terminal, who has not asked for none
+    /// (<https://no-color.org>); logs and CI get plain lines.
+    fn ansi(self) -> bool {
+        match self {
+            Color::Always => true,
+            Color::Never => false,
+            Color::Auto => {
+                std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                    && std::io::IsTerminal::is_terminal(&std::io::stderr())
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,6 +83,15 @@ enum Cmd {
     /// builds of the same first steps start from.
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// Print the shell completion script for bash, zsh, fish, elvish or powershell
+    /// (`cargo xtask install` installs them).
+    Completions { shell: clap_complete::Shell },
+    /// Print imgvm's manual page, in roff (`imgvm man | man -l -`), or write it and one
+    /// page per command (imgvm-build.1, …) into a directory.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -87,16 +122,58 @@ enum RecipeCmd {
     /// Read and validate a recipe (with everything it extends) and summarise it.
     Check {
         recipe: PathBuf,
-        /// Architecture to check it for (default: the recipe's, else the host's).
-        #[arg(long)]
-        arch: Option<Arch>,
+        #[command(flatten)]
+        settings: RecipeArgs,
         /// Print the merged recipe as JSON.
         #[arg(long)]
         json: bool,
-        #[arg(long)]
-        /// See `imgvm build --trust-recipe`.
-        trust_recipe: bool,
     },
+}
+
+/// What the command line sets over a recipe, and how far it is trusted.
+#[derive(clap::Args)]
+struct RecipeArgs {
+    /// Architecture of the image (default: the recipe's, else this machine's).
+    #[arg(long)]
+    arch: Option<Arch>,
+    /// Set a variable the recipe declares in `variables:` (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_var)]
+    vars: Vec<(String, String)>,
+    /// Debian mirror the image's packages come from, instead of the recipe's `mirror:`
+    /// (the helper VM's own packages: --helper-mirror).
+    #[arg(long, value_parser = parse_mirror)]
+    mirror: Option<String>,
+    /// Let the recipe copy files from outside its directory and use a mirror on this
+    /// machine or its link-local network (a local apt-cacher-ng): for recipes you wrote.
+    #[arg(long)]
+    trust_recipe: bool,
+}
+
+fn parse_var(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("`{text}` is not NAME=VALUE")),
+    }
+}
+
+fn parse_mirror(text: &str) -> Result<String, String> {
+    text.parse::<imgvm::recipe::Mirror>().map(|m| m.0)
+}
+
+impl RecipeArgs {
+    fn load(&self, path: &std::path::Path) -> Result<imgvm::recipe::Recipe> {
+        let overrides = imgvm::recipe::Overrides {
+            arch: self.arch,
+            vars: self.vars.iter().cloned().collect(),
+            mirror: self.mirror.clone(),
+        };
+        let trust = if self.trust_recipe {
+            imgvm::recipe::Trust::Trusted
+        } else {
+            imgvm::recipe::Trust::Confined
+        };
+        Ok(imgvm::recipe::Recipe::load_with(path, &overrides, trust)?)
+    }
 }
 
 #[derive(clap::Args)]
@@ -147,9 +224,8 @@ struct RunArgs {
 struct BuildArgs {
     /// The recipe (YAML); without one, the built-in Debian stable nocloud recipe.
     recipe: Option<PathBuf>,
-    /// Architecture to build (default: the recipe's, else this machine's).
-    #[arg(long)]
-    arch: Option<Arch>,
+    #[command(flatten)]
+    settings: RecipeArgs,
     /// Where the image and its manifest, lock, SBOM, checksums and log go.
     #[arg(short, long, default_value = "out")]
     output: PathBuf,
@@ -172,10 +248,6 @@ struct BuildArgs {
     /// With --dry-run: the plan as JSON.
     #[arg(long, requires = "dry_run")]
     json: bool,
-    /// Let the recipe copy files from outside its directory and use a mirror on this
-    /// machine or its link-local network (a local apt-cacher-ng): for recipes you wrote.
-    #[arg(long)]
-    trust_recipe: bool,
     /// Build from an empty disk, and keep no state of this build in the step cache.
     #[arg(long)]
     no_cache: bool,
@@ -202,17 +274,13 @@ struct BuildHelperArgs {
 struct LockArgs {
     /// The recipe (YAML); the lock is written beside it, as NAME-ARCH.lock.
     recipe: PathBuf,
-    /// Architecture to lock (default: the recipe's, else this machine's).
-    #[arg(long)]
-    arch: Option<Arch>,
+    #[command(flatten)]
+    settings: RecipeArgs,
     /// Replace the lock that is there, resolving packages from the mirror as it is now.
     #[arg(long)]
     update: bool,
     #[command(flatten)]
     helper: BuildHelperArgs,
-    /// See `imgvm build --trust-recipe`.
-    #[arg(long)]
-    trust_recipe: bool,
 }
 
 #[derive(clap::Args)]
@@ -266,15 +334,56 @@ enum ApplianceCmd {
     },
 }
 
+/// `println!` for what imgvm answers on stdout, which a reader may stop reading
+/// (`imgvm recipe check R | head`): that is no reason to panic, and the rest is dropped.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// imgvm's exit statuses, one owner for what each means (the README's "Exit status"
+/// lists them): a pipeline tells a broken build from failed image tests by them.
+/// `run` passes on its command's status, and `diff` says 1 for "they differ".
+mod exit {
+    pub const SUCCESS: u8 = 0;
+    /// Anything went wrong (the message says what).
+    pub const ERROR: u8 = 1;
+    /// The command line is wrong.
+    pub const USAGE: u8 = 2;
+    /// The image's tests failed; the image was still delivered.
+    pub const TESTS_FAILED: u8 = 3;
+    /// Stopped by Ctrl-C, SIGTERM or SIGHUP.
+    pub const CANCELLED: u8 = 130;
+
+    /// The same, for `--help` and the manual page.
+    pub const HELP: &str = "Exit status:
+  0    success
+  1    an error (the message says what)
+  2    the command line is wrong
+  3    the image's tests failed (the image was still delivered)
+  130  stopped by Ctrl-C, SIGTERM or SIGHUP
+
+`imgvm run` exits with its command's status; `imgvm diff` with 1 when the builds differ and 2 when one cannot be read.";
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.verbose, cli.log_format);
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // `--help` and `--version` come this way too, to stdout.
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::SUCCESS });
+        }
+    };
+    init_logging(cli.verbose, cli.log_format, cli.color.ansi());
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             report(&e);
-            ExitCode::FAILURE
+            ExitCode::from(exit::ERROR)
         }
     }
 }
@@ -299,19 +408,23 @@ async fn diff(args: DiffArgs) -> u8 {
             let listed =
                 interruptible(|cancel| async move { imgvm::inspect::files([&old, &new], &cancel).await }).await?;
             let Some([old, new]) = listed else {
-                anyhow::bail!("cancelled");
+                return anyhow::Ok(None);
             };
             diff.files = Some(imgvm::diff::Files::between(&old, &new));
         }
-        anyhow::Ok(diff)
+        anyhow::Ok(Some(diff))
     }
     .await;
     match compared {
-        Ok(diff) => {
+        Ok(None) => exit::CANCELLED,
+        Ok(Some(diff)) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&diff).expect("a diff serialises"));
+                say!("{}", serde_json::to_string_pretty(&diff).expect("a diff serialises"));
             } else {
-                print!("{}", printable(&diff.text()));
+                let text = diff.text();
+                if !text.is_empty() {
+                    say!("{}", printable(text.trim_end()));
+                }
             }
             u8::from(!diff.is_empty())
         }
@@ -324,43 +437,57 @@ async fn diff(args: DiffArgs) -> u8 {
 
 async fn dispatch(command: Cmd) -> Result<u8> {
     match command {
-        Cmd::Doctor => Ok(if imgvm::doctor::run() { 0 } else { 1 }),
+        Cmd::Doctor => Ok(if imgvm::doctor::run() {
+            exit::SUCCESS
+        } else {
+            exit::ERROR
+        }),
         Cmd::Run(args) => run(args).await,
         Cmd::Build(args) => build(args).await,
         Cmd::Test(args) => test(args).await,
         Cmd::Diff(args) => Ok(diff(args).await),
         Cmd::Lock(args) => lock(args).await,
         Cmd::Cache(command) => cache(command),
-        Cmd::Recipe(RecipeCmd::Check {
-            recipe,
-            arch,
-            json,
-            trust_recipe,
-        }) => {
-            let recipe = imgvm::recipe::Recipe::load_with(&recipe, arch, trust(trust_recipe))?;
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "imgvm", &mut std::io::stdout());
+            Ok(exit::SUCCESS)
+        }
+        Cmd::Man { dir: None } => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(exit::SUCCESS)
+        }
+        Cmd::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)?;
+            // imgvm.1 and imgvm-build.1 and so on, as git and cargo name theirs.
+            clap_mangen::generate_to(Cli::command(), &dir)?;
+            say!("{}", dir.display());
+            Ok(exit::SUCCESS)
+        }
+        Cmd::Recipe(RecipeCmd::Check { recipe, settings, json }) => {
+            let recipe = settings.load(&recipe)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&recipe)?);
+                say!("{}", serde_json::to_string_pretty(&recipe)?);
             } else {
-                println!(
+                say!(
                     "{}: {} {} for {}",
                     recipe.file.display(),
                     recipe.name,
                     recipe.suite,
                     recipe.arch
                 );
-                println!("  disk: {} {}", recipe.disk_size, recipe.table.name());
+                say!("  disk: {} {}", recipe.disk_size.explained(), recipe.table.name());
                 for part in &recipe.partitions {
-                    let size = part.size.map_or("rest".to_owned(), |s| s.to_string());
+                    let size = part.size.map_or("rest".to_owned(), |s| s.explained());
                     let mount = part.mount.as_deref().unwrap_or("-");
-                    println!("    {:<10} {:<9} {:>8}  {mount}", part.name, part.kind.name(), size);
+                    say!("    {:<10} {:<9} {:>8}  {mount}", part.name, part.kind.name(), size);
                 }
-                println!("  packages: {}", recipe.packages.len());
+                say!("  packages: {}", recipe.packages.len());
                 let steps: Vec<&str> = recipe.steps.iter().map(|s| s.kind()).collect();
-                println!("  steps: {}", steps.join(", "));
+                say!("  steps: {}", steps.join(", "));
                 let outputs: Vec<&str> = recipe.outputs.iter().map(|o| o.name()).collect();
-                println!("  outputs: {}", outputs.join(", "));
+                say!("  outputs: {}", outputs.join(", "));
             }
-            Ok(0)
+            Ok(exit::SUCCESS)
         }
         Cmd::Appliance(ApplianceCmd::Build { vm, refresh }) => {
             let spec = imgvm::appliance::Spec::new(vm.arch, vm.mirror.as_deref(), vm.suite.as_deref())?;
@@ -373,8 +500,8 @@ async fn dispatch(command: Cmd) -> Result<u8> {
                 "appliance {}",
                 appliance.dir.display()
             );
-            println!("{}", appliance.dir.display());
-            Ok(0)
+            say!("{}", appliance.dir.display());
+            Ok(exit::SUCCESS)
         }
         Cmd::Appliance(ApplianceCmd::BootTime { vm, bare }) => {
             let options = HelperOptions {
@@ -382,9 +509,9 @@ async fn dispatch(command: Cmd) -> Result<u8> {
                 ..helper_options(vm, Vec::new(), 2048, None, 180)
             };
             let helper = imgvm::helper::Helper::boot(&options, &imgvm::archive::Fetcher::default()).await?;
-            println!("{:.3}", helper.boot_time.as_secs_f64());
+            say!("{:.3}", helper.boot_time.as_secs_f64());
             helper.shutdown().await?;
-            Ok(0)
+            Ok(exit::SUCCESS)
         }
         Cmd::Appliance(ApplianceCmd::Info { vm }) => {
             let spec = imgvm::appliance::Spec::new(vm.arch, vm.mirror.as_deref(), vm.suite.as_deref())?;
@@ -395,8 +522,8 @@ async fn dispatch(command: Cmd) -> Result<u8> {
                     vm.arch
                 );
             };
-            println!("{}", serde_json::to_string_pretty(&appliance.manifest)?);
-            Ok(0)
+            say!("{}", serde_json::to_string_pretty(&appliance.manifest)?);
+            Ok(exit::SUCCESS)
         }
     }
 }
@@ -411,16 +538,8 @@ async fn run(args: RunArgs) -> Result<u8> {
     };
     let code = interruptible(|cancel| imgvm::run::run(request, cancel))
         .await?
-        .unwrap_or(130);
+        .unwrap_or(i32::from(exit::CANCELLED));
     Ok(code.clamp(0, 255) as u8)
-}
-
-fn trust(trust_recipe: bool) -> imgvm::recipe::Trust {
-    if trust_recipe {
-        imgvm::recipe::Trust::Trusted
-    } else {
-        imgvm::recipe::Trust::Confined
-    }
 }
 
 async fn build(args: BuildArgs) -> Result<u8> {
@@ -433,7 +552,7 @@ async fn build(args: BuildArgs) -> Result<u8> {
             (Some(dir), path)
         }
     };
-    let recipe = imgvm::recipe::Recipe::load_with(&path, args.arch, trust(args.trust_recipe))?;
+    let recipe = args.settings.load(&path)?;
     let beside = recipe.lock_path();
     let lock = match args.lock {
         Some(path) => Some(path),
@@ -450,14 +569,14 @@ async fn build(args: BuildArgs) -> Result<u8> {
     if args.dry_run {
         let plan = imgvm::build::plan(options).await?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&plan)?);
+            say!("{}", serde_json::to_string_pretty(&plan)?);
         } else {
-            print!("{}", plan.text());
+            say!("{}", plan.text().trim_end());
         }
-        return Ok(0);
+        return Ok(exit::SUCCESS);
     }
     let Some(report) = interruptible(|cancel| imgvm::build::build(options, cancel)).await? else {
-        return Ok(130);
+        return Ok(exit::CANCELLED);
     };
     drop(builtin);
     for timing in &report.timings {
@@ -465,14 +584,20 @@ async fn build(args: BuildArgs) -> Result<u8> {
     }
     for output in &report.outputs {
         let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-        println!("{}  ({:.1} MiB)", output.display(), size as f64 / (1 << 20) as f64);
+        say!("{}  ({:.1} MiB)", output.display(), size as f64 / (1 << 20) as f64);
     }
     tracing::info!("built in {:.0} s", report.seconds);
-    let Some(tests) = &report.tests else { return Ok(0) };
+    let Some(tests) = &report.tests else {
+        return Ok(exit::SUCCESS);
+    };
     for case in tests.cases() {
-        println!("{}", printable(&case.line()));
+        say!("{}", printable(&case.line()));
     }
-    Ok(if tests.passed() { 0 } else { 1 })
+    Ok(if tests.passed() {
+        exit::SUCCESS
+    } else {
+        exit::TESTS_FAILED
+    })
 }
 
 fn build_options(
@@ -513,17 +638,17 @@ fn cache(command: CacheCmd) -> Result<u8> {
                         .filter(|e| (&e.meta.recipe, &e.meta.arch) == this)
                         .map(|e| e.bytes)
                         .sum();
-                    println!("{} ({}): {}", entry.meta.recipe, entry.meta.arch, HumanBytes(bytes));
+                    say!("{} ({}): {}", entry.meta.recipe, entry.meta.arch, HumanBytes(bytes));
                     recipe = Some(this);
                 }
-                println!(
+                say!(
                     "  {:>10}  {}  {}",
                     HumanBytes(entry.bytes).to_string(),
                     &entry.key[..12],
                     printable(&entry.meta.step)
                 );
             }
-            println!(
+            say!(
                 "{} states, {} of {} ({})",
                 entries.len(),
                 HumanBytes(total),
@@ -534,16 +659,16 @@ fn cache(command: CacheCmd) -> Result<u8> {
         CacheCmd::Clean => {
             let store = imgvm::states::Store::exclusive()?;
             let removed = store.clean();
-            println!("removed {} from {}", HumanBytes(removed), store.dir().display());
+            say!("removed {} from {}", HumanBytes(removed), store.dir().display());
         }
     }
-    Ok(0)
+    Ok(exit::SUCCESS)
 }
 
 /// `imgvm lock`: the build's steps in a scratch directory of the cache, and only the
 /// lock kept, beside the recipe.
 async fn lock(args: LockArgs) -> Result<u8> {
-    let recipe = imgvm::recipe::Recipe::load_with(&args.recipe, args.arch, trust(args.trust_recipe))?;
+    let recipe = args.settings.load(&args.recipe)?;
     let dest = recipe.lock_path();
     if dest.exists() && !args.update {
         anyhow::bail!(
@@ -560,7 +685,7 @@ async fn lock(args: LockArgs) -> Result<u8> {
         ..build_options(recipe, scratch.path().to_owned(), args.helper)
     };
     let Some(report) = interruptible(|cancel| imgvm::build::build(options, cancel)).await? else {
-        return Ok(130);
+        return Ok(exit::CANCELLED);
     };
     let written = report.outputs.first().context("the build wrote no lock")?;
     // Into place in one rename, from beside it.
@@ -571,8 +696,8 @@ async fn lock(args: LockArgs) -> Result<u8> {
     use std::os::unix::fs::PermissionsExt;
     tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
     tmp.persist(&dest)?;
-    println!("{}", dest.display());
-    Ok(0)
+    say!("{}", dest.display());
+    Ok(exit::SUCCESS)
 }
 
 async fn test(args: TestArgs) -> Result<u8> {
@@ -600,15 +725,15 @@ async fn test(args: TestArgs) -> Result<u8> {
         let name = boottest::firmware::name(arch, firmware);
         tracing::info!("booting {} ({arch}) with {name}", args.image.display());
         let Some(result) = interruptible(|cancel| async move { boottest::boot(&options, &cancel).await }).await? else {
-            return Ok(130);
+            return Ok(exit::CANCELLED);
         };
         let case = result.case();
-        println!("{}", printable(&case.line()));
+        say!("{}", printable(&case.line()));
         if !case.passed {
             failed = true;
-            println!("      last lines of the console:");
+            say!("      last lines of the console:");
             for line in case.details.lines() {
-                println!("      | {}", printable(line));
+                say!("      | {}", printable(line));
             }
         }
         cases.push(case);
@@ -616,7 +741,7 @@ async fn test(args: TestArgs) -> Result<u8> {
     if let Some(path) = &args.junit {
         write_atomically(path, imgvm::report::junit(&info.name, &cases).as_bytes())?;
     }
-    Ok(if failed { 1 } else { 0 })
+    Ok(if failed { exit::TESTS_FAILED } else { exit::SUCCESS })
 }
 
 /// Readers of `path` see the old content or the new, never a part.
@@ -652,7 +777,8 @@ fn helper_options(vm: VmArgs, disks: Vec<PathBuf>, memory_mib: u32, cpus: Option
 }
 
 /// Runs `work` so that a first Ctrl-C (or SIGTERM, SIGHUP) cancels it cleanly and a
-/// second drops it at once, which kills the VM; `None` then.
+/// second drops it at once, which kills the VM. `None` when a signal stopped it: the
+/// error `work` ended with then is reported here, and the caller exits as cancelled.
 async fn interruptible<T, F>(work: impl FnOnce(CancellationToken) -> F) -> Result<Option<T>>
 where
     F: std::future::Future<Output = Result<T>>,
@@ -661,7 +787,13 @@ where
     let abort = std::sync::Arc::new(tokio::sync::Notify::new());
     tokio::spawn(watch_signals(cancel.clone(), abort.clone()));
     tokio::select! {
-        result = work(cancel) => result.map(Some),
+        result = work(cancel.clone()) => match result {
+            Err(e) if cancel.is_cancelled() => {
+                report(&e);
+                Ok(None)
+            }
+            result => result.map(Some),
+        },
         _ = abort.notified() => Ok(None),
     }
 }
@@ -690,23 +822,20 @@ async fn watch_signals(cancel: CancellationToken, abort: std::sync::Arc<tokio::s
     }
 }
 
-fn init_logging(verbose: u8, format: LogFormat) {
+fn init_logging(verbose: u8, format: LogFormat, ansi: bool) {
+    // Libraries log through `log` too (ureq, rustls): their records come this way.
     let level = match verbose {
         0 => "imgvm=info,warn",
         1 => "imgvm=debug,info",
+        2 => "imgvm=trace,debug",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("IMGVM_LOG").unwrap_or_else(|_| level.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(imgvm::progress::LogWriter);
     match format {
         LogFormat::Json => builder.json().init(),
-        // Colours only for a person at a terminal; logs and CI get plain lines.
-        LogFormat::Text => builder
-            .with_target(false)
-            .without_time()
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+        LogFormat::Text => builder.with_target(false).without_time().with_ansi(ansi).init(),
     }
 }

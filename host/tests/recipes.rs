@@ -2,7 +2,7 @@
 //! kind of mistake gets its own exact message with file, line and column.
 
 use imgvm::arch::Arch;
-use imgvm::recipe::Recipe;
+use imgvm::recipe::{Overrides, Recipe};
 use std::path::{Path, PathBuf};
 
 const BASE: &str = "name: test
@@ -86,7 +86,7 @@ fn misspelt_step_option() {
 fn bad_size() {
     assert_eq!(
         error(&BASE.replace("size: 2GiB", "size: 2XB"), Arch::Amd64),
-        "DIR/r.yaml:4:9: disk: invalid size `2XB`: unknown unit `XB` (use B, KiB, MiB, GiB or TiB)"
+        "DIR/r.yaml:4:9: disk: invalid size `2XB`: unknown unit `XB` (use B, KiB, MiB, GiB or TiB, or the SI kB, MB, GB or TB)"
     );
 }
 
@@ -449,12 +449,50 @@ fn a_mirror_on_this_machine_is_refused_unless_trusted() {
     );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("r.yaml"), &recipe).unwrap();
-    let trusted = Recipe::load_with(
-        &dir.path().join("r.yaml"),
-        Some(Arch::Amd64),
-        imgvm::recipe::Trust::Trusted,
-    );
+    let amd64 = Overrides {
+        arch: Some(Arch::Amd64),
+        ..Overrides::default()
+    };
+    let trusted = Recipe::load_with(&dir.path().join("r.yaml"), &amd64, imgvm::recipe::Trust::Trusted);
     assert_eq!(trusted.unwrap().mirror, "http://127.0.0.1:3142/debian");
+    // A mirror on the command line is the user's own, not the recipe's: not confined.
+    let local = Overrides {
+        mirror: Some("http://localhost:3142/debian".into()),
+        ..amd64
+    };
+    let overridden = Recipe::load_with(&dir.path().join("r.yaml"), &local, imgvm::recipe::Trust::Confined);
+    assert_eq!(overridden.unwrap().mirror, "http://localhost:3142/debian");
+}
+
+#[test]
+fn the_command_line_sets_declared_variables_and_names_an_undeclared_one() {
+    let base =
+        "variables: {suite: bookworm, flavour: cloud}\nsuite: ${suite}\npackages: [\"linux-image-${flavour}-amd64\"]\n";
+    let top = format!(
+        "extends: [base.yaml]\nvariables: {{suite: trixie}}\n{}",
+        BASE.replace("suite: trixie\n", "")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.yaml"), base).unwrap();
+    std::fs::write(dir.path().join("r.yaml"), top).unwrap();
+    let with = |vars: &[(&str, &str)]| {
+        let overrides = Overrides {
+            arch: Some(Arch::Amd64),
+            vars: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            mirror: None,
+        };
+        Recipe::load_with(&dir.path().join("r.yaml"), &overrides, imgvm::recipe::Trust::Confined)
+            .map_err(|e| e.to_string().replace(&dir.path().display().to_string(), "DIR"))
+    };
+    assert_eq!(with(&[]).unwrap().suite, "trixie");
+    // Over the recipe's own value and over the file it extends.
+    let set = with(&[("suite", "forky"), ("flavour", "rt")]).unwrap();
+    assert_eq!(set.suite, "forky");
+    assert_eq!(set.packages, ["linux-image-rt-amd64"]);
+    assert_eq!(
+        with(&[("suit", "forky")]).unwrap_err(),
+        "DIR/r.yaml: --var suit: the recipe declares no such variable in `variables:` (it has flavour, suite)"
+    );
 }
 
 #[test]

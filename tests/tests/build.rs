@@ -43,6 +43,24 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
     let first = build(&recipe, &out, &cache, &["--test"]);
     let name = "debian-13-genericcloud-amd64";
 
+    // Without a terminal, the long bootstrap says how far it is every 30 s, not more often.
+    let reports: Vec<(f64, u64)> = first
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let message = v["fields"]["message"].as_str()?.to_owned();
+            let (_, rest) = message.strip_prefix("step 1/")?.split_once(" (bootstrap): ")?;
+            let (seconds, rest) = rest.split_once(" s so far, ")?;
+            let (packages, _) = rest.split_once(" packages fetched (")?;
+            Some((seconds.parse().ok()?, packages.parse().ok()?))
+        })
+        .collect();
+    assert!(reports.len() >= 2, "no progress reports in the bootstrap:\n{first}");
+    assert!(reports.iter().any(|(_, packages)| *packages > 0), "{reports:?}");
+    for pair in reports.windows(2) {
+        assert!(pair[1].0 - pair[0].0 >= 29.0, "reports closer than 30 s: {reports:?}");
+    }
+
     // Everything is there, nothing else is, and the checksums hold.
     let mut files: Vec<String> = std::fs::read_dir(&out)
         .unwrap()

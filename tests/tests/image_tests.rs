@@ -38,8 +38,8 @@ fn a_broken_image_fails_its_checks_and_its_boot_saying_where() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(
         output.status.code(),
-        Some(1),
-        "failed tests fail the command:\n{stdout}\n{stderr}"
+        Some(3),
+        "failed tests fail the command, with the status of failed tests:\n{stdout}\n{stderr}"
     );
     for line in [
         "PASS  file /etc/hostname exists",

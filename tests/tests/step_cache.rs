@@ -106,7 +106,7 @@ fn a_rebuild_runs_only_the_changed_steps_and_an_interrupted_store_is_not_reused(
     }
     assert!(signalled, "no state was stored:\n{stderr}");
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(status.code(), Some(130), "cancelled: {stderr}");
     assert!(stderr.contains("cancelled"), "{stderr}");
     imgvm_e2e::assert_states_whole(&states);
 

@@ -123,10 +123,34 @@ fn install(args: &[&str]) -> Result<()> {
         let name = format!("imgvm-agent-{arch}");
         std::fs::copy(built.join(&name), lib.join(&name))?;
     }
+    // man(1) finds PREFIX/share/man from PREFIX/bin on the PATH.
+    let share = prefix.join("share");
+    let imgvm = || Command::new(bin.join("imgvm"));
+    exec(
+        imgvm()
+            .arg("man")
+            .arg("--dir")
+            .arg(share.join("man/man1"))
+            .stdout(std::process::Stdio::null()),
+    )?;
+    for (shell, place) in [
+        ("bash", "bash-completion/completions/imgvm"),
+        ("zsh", "zsh/site-functions/_imgvm"),
+        ("fish", "fish/vendor_completions.d/imgvm.fish"),
+    ] {
+        let script = imgvm().args(["completions", shell]).output()?;
+        if !script.status.success() {
+            bail!("imgvm completions {shell} failed ({})", script.status);
+        }
+        let path = share.join(place);
+        std::fs::create_dir_all(path.parent().expect("a file in a directory"))?;
+        std::fs::write(&path, script.stdout)?;
+    }
     eprintln!(
-        "xtask: installed {} and its agents in {}",
+        "xtask: installed {}, its agents in {}, its manual pages and shell completions in {}",
         bin.join("imgvm").display(),
-        lib.display()
+        lib.display(),
+        share.display()
     );
     Ok(())
 }

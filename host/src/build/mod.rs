@@ -17,6 +17,7 @@ use imgvm_protocol::{ErrorKind, Event, ListPackages, OperationError, RunChecks, 
 use indicatif::HumanBytes;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -139,22 +140,36 @@ const DISK_FILE: &str = "disk.raw";
 struct Log {
     file: std::io::BufWriter<std::fs::File>,
     written: u64,
+    /// The last line a step printed, for the progress report of a long step.
+    last: Arc<Mutex<String>>,
 }
 
 /// Largest build log; a step that prints more has its further lines left out (the last
 /// lines of a failure are in its error).
 const LOG_LIMIT: u64 = 256 << 20;
 
+/// How much of a step's last line a progress report quotes.
+const TAIL_CHARS: usize = 120;
+
 impl Log {
     fn new(file: std::fs::File) -> Log {
         Log {
             file: std::io::BufWriter::new(file),
             written: 0,
+            last: Arc::default(),
         }
+    }
+
+    /// What [`Log::line`] last wrote (at most [`TAIL_CHARS`] of it), as it changes.
+    fn tail(&self) -> Arc<Mutex<String>> {
+        self.last.clone()
     }
 
     /// Flushed line by line, so that `tail -f` follows a running build.
     fn line(&mut self, text: &str) {
+        if !text.trim().is_empty() {
+            *self.last.lock().unwrap() = text.trim().chars().take(TAIL_CHARS).collect();
+        }
         if self.written > LOG_LIMIT {
             return;
         }
@@ -652,15 +667,29 @@ async fn run_phase(
     log.line(&format!("== {label}"));
     let downloaded_before = helper.proxy.downloaded_bytes();
     let spinner = crate::progress::spinner(label.clone());
-    // The spinner shows what this step has fetched from the mirror so far.
+    // The spinner shows what this step has fetched from the mirror so far; without a
+    // terminal, a line every REPORT_EVERY says that and what the step last printed.
     let ticker = {
-        let (spinner, proxy, label) = (spinner.clone(), helper.proxy.clone(), label.clone());
+        let (spinner, proxy, label, tail) = (spinner.clone(), helper.proxy.clone(), label.clone(), log.tail());
+        let (debs_before, report) = (proxy.debs(), !crate::progress::on_terminal());
         tokio::spawn(async move {
+            let mut next_report = started + crate::progress::REPORT_EVERY;
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let bytes = proxy.downloaded_bytes() - downloaded_before;
                 if bytes > 0 {
                     spinner.set_message(format!("{label} ({} downloaded)", HumanBytes(bytes)));
+                }
+                if report && Instant::now() >= next_report {
+                    next_report += crate::progress::REPORT_EVERY;
+                    let (downloaded, cached) = proxy.debs();
+                    let debs = downloaded + cached - debs_before.0 - debs_before.1;
+                    let tail = crate::text::printable(&tail.lock().unwrap()).into_owned();
+                    tracing::info!(
+                        "{label}: {:.0} s so far, {debs} packages fetched ({} from the mirror); last: {tail}",
+                        started.elapsed().as_secs_f64(),
+                        HumanBytes(bytes)
+                    );
                 }
             }
         })

@@ -4,7 +4,7 @@
 use super::error::RecipeError;
 use super::model::*;
 use super::trust::{self, Trust};
-use super::{HostSource, Recipe};
+use super::{HostSource, Overrides, Recipe};
 use crate::arch::Arch;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -20,10 +20,24 @@ struct Source {
     body: Body,
 }
 
-pub fn load(path: &Path, arch_override: Option<Arch>, trust: Trust) -> Result<Recipe, RecipeError> {
+pub fn load(path: &Path, overrides: &Overrides, trust: Trust) -> Result<Recipe, RecipeError> {
     let mut sources = Vec::new();
-    read_chain(path, &BTreeMap::new(), &mut Vec::new(), &mut sources)?;
+    read_chain(path, &overrides.vars, &mut Vec::new(), &mut sources)?;
     let top_path = sources.last().expect("the file itself was read").path.clone();
+    let declared: std::collections::BTreeSet<&String> = sources.iter().flat_map(|s| s.body.variables.keys()).collect();
+    if let Some(name) = overrides.vars.keys().find(|name| !declared.contains(name)) {
+        let names: Vec<&str> = declared.iter().map(|n| n.as_str()).collect();
+        let known = match names.is_empty() {
+            true => "it has none".to_owned(),
+            false => format!("it has {}", names.join(", ")),
+        };
+        return Err(RecipeError::new(
+            &top_path,
+            0,
+            0,
+            format!("--var {name}: the recipe declares no such variable in `variables:` ({known})"),
+        ));
+    }
     // A setting found wrong after merging is pointed to in the file that has it: the
     // recipe itself first, then what it extends, nearest first.
     let locate = |needle: &str| -> (PathBuf, usize, usize) {
@@ -45,7 +59,8 @@ pub fn load(path: &Path, arch_override: Option<Arch>, trust: Trust) -> Result<Re
     for source in &sources {
         merge(&mut merged, source.body.clone());
     }
-    let arch = arch_override
+    let arch = overrides
+        .arch
         .or(merged.arch)
         .or_else(Arch::host)
         .ok_or_else(|| err("arch:", "no architecture: set `arch:` or pass --arch".into()))?;
@@ -97,10 +112,11 @@ pub fn load(path: &Path, arch_override: Option<Arch>, trust: Trust) -> Result<Re
         steps.push(Step::Finalize(Finalize { trim: true }));
     }
     let outputs = merged.outputs.clone().unwrap_or_else(|| vec![OutputFormat::Raw]);
-    let declared = merged
+    let declared = overrides
         .mirror
         .clone()
-        .map_or_else(|| "http://deb.debian.org/debian".to_owned(), |m| m.0);
+        .or_else(|| merged.mirror.clone().map(|m| m.0))
+        .unwrap_or_else(|| "http://deb.debian.org/debian".to_owned());
     let (mirror, snapshot_for) = match &merged.snapshot {
         Some(Snapshot(url)) => (url.clone(), Some(declared)),
         None => (declared, None),
@@ -134,11 +150,18 @@ pub fn load(path: &Path, arch_override: Option<Arch>, trust: Trust) -> Result<Re
         },
     };
     super::validate::check(&recipe, &locate)?;
+    // A mirror the user named is theirs; only the recipe's own are confined.
+    let recipes_mirror = |url: &String| overrides.mirror.as_ref() != Some(url);
     match &recipe.snapshot_for {
-        None => trust::mirror(&recipe.mirror, trust).map_err(|message| err("mirror:", message))?,
+        None if recipes_mirror(&recipe.mirror) => {
+            trust::mirror(&recipe.mirror, trust).map_err(|message| err("mirror:", message))?
+        }
+        None => {}
         Some(declared) => {
             trust::mirror(&recipe.mirror, trust).map_err(|message| err("snapshot:", message))?;
-            trust::mirror(declared, trust).map_err(|message| err("mirror:", message))?;
+            if recipes_mirror(declared) {
+                trust::mirror(declared, trust).map_err(|message| err("mirror:", message))?;
+            }
         }
     }
     let dir = recipe.dir().to_owned();

@@ -20,7 +20,21 @@ pub use timeout::Timeout;
 pub use trust::Trust;
 
 use crate::arch::Arch;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// What the command line sets over a recipe's own settings.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--arch`: else the recipe's `arch`, else the host's.
+    pub arch: Option<Arch>,
+    /// `--var NAME=VALUE`: wins over every file's `variables:`, and must name one of them
+    /// (a misspelt name would otherwise change nothing, silently).
+    pub vars: BTreeMap<String, String>,
+    /// `--mirror`: the image's mirror instead of the recipe's `mirror:` (a `snapshot:`
+    /// still serves the build). The user's own choice, so [`Trust`] does not confine it.
+    pub mirror: Option<String>,
+}
 
 /// A recipe with its `extends` chain and per-architecture parts merged in, checked.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -67,12 +81,17 @@ impl Recipe {
     /// Reads `path` for `arch` (else the recipe's own `arch`, else the host's), confined
     /// as [`trust`] says.
     pub fn load(path: &Path, arch: Option<Arch>) -> Result<Recipe, RecipeError> {
-        load::load(path, arch, Trust::Confined)
+        let overrides = Overrides {
+            arch,
+            ..Overrides::default()
+        };
+        load::load(path, &overrides, Trust::Confined)
     }
 
-    /// [`Recipe::load`] with the trust the user gave the recipe.
-    pub fn load_with(path: &Path, arch: Option<Arch>, trust: Trust) -> Result<Recipe, RecipeError> {
-        load::load(path, arch, trust)
+    /// [`Recipe::load`] with what the command line sets and the trust the user gave the
+    /// recipe.
+    pub fn load_with(path: &Path, overrides: &Overrides, trust: Trust) -> Result<Recipe, RecipeError> {
+        load::load(path, overrides, trust)
     }
 
     /// The directory `copy` steps are relative to.

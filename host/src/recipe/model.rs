@@ -123,16 +123,21 @@ pub enum OutputFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Mirror(pub String);
 
-impl<'de> Deserialize<'de> for Mirror {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+impl std::str::FromStr for Mirror {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
         let rest = s.strip_prefix("http://").or_else(|| s.strip_prefix("https://"));
         match rest {
             Some(host) if !host.is_empty() && !host.starts_with('/') => Ok(Mirror(s.trim_end_matches('/').to_owned())),
-            _ => Err(serde::de::Error::custom(format!(
-                "invalid mirror `{s}`: expected an http:// or https:// URL"
-            ))),
+            _ => Err(format!("invalid mirror `{s}`: expected an http:// or https:// URL")),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for Mirror {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -151,7 +156,7 @@ impl<'de> Deserialize<'de> for Snapshot {
             return Ok(Snapshot(format!("http://snapshot.debian.org/archive/debian/{s}")));
         }
         if s.starts_with("http://") || s.starts_with("https://") {
-            let Mirror(url) = Mirror::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(&s))?;
+            let Mirror(url) = s.parse().map_err(serde::de::Error::custom)?;
             return Ok(Snapshot(url));
         }
         Err(serde::de::Error::custom(format!(

@@ -2,19 +2,45 @@
 
 use crate::arch::Arch;
 use crate::vm::vsock;
-use std::io::Write as _;
 use std::path::Path;
 
-struct Check {
-    ok: bool,
+/// One thing imgvm looked for.
+#[derive(Debug, serde::Serialize)]
+pub struct Check {
+    pub ok: bool,
     /// Missing things that make imgvm fail, as opposed to making it slower or less able.
-    required: bool,
-    what: String,
-    detail: String,
+    pub required: bool,
+    pub what: String,
+    /// Where it was found, or what to do to get it.
+    pub detail: String,
 }
 
-/// Prints the report; returns whether everything required is there.
-pub fn run() -> bool {
+/// What this machine has for imgvm.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    /// Everything required is there.
+    pub ready: bool,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// A line per check: `ok`, `MISSING` (required) or `--` (optional), what, detail.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for check in &self.checks {
+            let mark = match (check.ok, check.required) {
+                (true, _) => "ok  ",
+                (false, true) => "MISSING",
+                (false, false) => "--  ",
+            };
+            out.push_str(&format!("{mark:8} {:40} {}\n", check.what, check.detail));
+        }
+        out
+    }
+}
+
+/// Looks at the machine.
+pub fn examine() -> Report {
     let mut checks = Vec::new();
     let host = Arch::host();
     for arch in Arch::ALL {
@@ -122,18 +148,10 @@ pub fn run() -> bool {
         ),
     });
 
-    let mut all_required = true;
-    for check in &checks {
-        let mark = match (check.ok, check.required) {
-            (true, _) => "ok  ",
-            (false, true) => "MISSING",
-            (false, false) => "--  ",
-        };
-        all_required &= check.ok || !check.required;
-        // A reader that stopped reading (`| head`) is not worth a panic.
-        let _ = writeln!(std::io::stdout().lock(), "{mark:8} {:40} {}", check.what, check.detail);
+    Report {
+        ready: checks.iter().all(|c| c.ok || !c.required),
+        checks,
     }
-    all_required
 }
 
 fn file_check(what: &str, found: Option<&Path>, required: bool, hint: &str) -> Check {

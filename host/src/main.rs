@@ -60,7 +60,11 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Cmd {
     /// Check this machine for everything imgvm needs and say what to install.
-    Doctor,
+    Doctor {
+        /// The report as one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build an image from a recipe (default: Debian stable nocloud for this machine).
     Build(BuildArgs),
     /// Boot a built image on its firmware and check that it comes up.
@@ -245,8 +249,9 @@ struct BuildArgs {
     /// Print the plan (every operation the helper VM would carry out) and build nothing.
     #[arg(long)]
     dry_run: bool,
-    /// With --dry-run: the plan as JSON.
-    #[arg(long, requires = "dry_run")]
+    /// The result as one JSON document on stdout (outputs, steps, tests; with
+    /// --dry-run the plan; `{"error": …}` when the build fails); logs stay on stderr.
+    #[arg(long)]
     json: bool,
     /// Build from an empty disk, and keep no state of this build in the step cache.
     #[arg(long)]
@@ -300,6 +305,10 @@ struct TestArgs {
     /// Also write the results as JUnit XML to this file.
     #[arg(long, value_name = "FILE")]
     junit: Option<PathBuf>,
+    /// The results as one JSON document on stdout (`{"error": …}` when the test could
+    /// not run); logs stay on stderr.
+    #[arg(long)]
+    json: bool,
     /// Memory of the test VM in MiB.
     #[arg(long, default_value_t = 1024)]
     memory: u32,
@@ -437,14 +446,24 @@ async fn diff(args: DiffArgs) -> u8 {
 
 async fn dispatch(command: Cmd) -> Result<u8> {
     match command {
-        Cmd::Doctor => Ok(if imgvm::doctor::run() {
-            exit::SUCCESS
-        } else {
-            exit::ERROR
-        }),
+        Cmd::Doctor { json } => {
+            let report = imgvm::doctor::examine();
+            if json {
+                say!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                say!("{}", report.text().trim_end());
+            }
+            Ok(if report.ready { exit::SUCCESS } else { exit::ERROR })
+        }
         Cmd::Run(args) => run(args).await,
-        Cmd::Build(args) => build(args).await,
-        Cmd::Test(args) => test(args).await,
+        Cmd::Build(args) => {
+            let json = args.json;
+            answered(json, build(args).await)
+        }
+        Cmd::Test(args) => {
+            let json = args.json;
+            answered(json, test(args).await)
+        }
         Cmd::Diff(args) => Ok(diff(args).await),
         Cmd::Lock(args) => lock(args).await,
         Cmd::Cache(command) => cache(command),
@@ -582,22 +601,62 @@ async fn build(args: BuildArgs) -> Result<u8> {
     for timing in &report.timings {
         tracing::info!("{:>8.1} s  {}", timing.seconds, timing.step);
     }
-    for output in &report.outputs {
-        let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-        say!("{}  ({:.1} MiB)", output.display(), size as f64 / (1 << 20) as f64);
-    }
     tracing::info!("built in {:.0} s", report.seconds);
-    let Some(tests) = &report.tests else {
-        return Ok(exit::SUCCESS);
-    };
-    for case in tests.cases() {
-        say!("{}", printable(&case.line()));
-    }
-    Ok(if tests.passed() {
-        exit::SUCCESS
+    let outputs: Vec<_> = report
+        .outputs
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            serde_json::json!({"path": path, "bytes": bytes})
+        })
+        .collect();
+    let cases = report.tests.as_ref().map(|t| t.cases());
+    let passed = cases.as_ref().is_none_or(|cases| cases.iter().all(|c| c.passed));
+    if args.json {
+        let result = serde_json::json!({
+            "outputs": outputs,
+            "steps": report.timings,
+            "seconds": report.seconds,
+            "tests": cases.as_ref().map(|cases| serde_json::json!({"passed": passed, "cases": cases})),
+        });
+        say!("{}", serde_json::to_string_pretty(&result)?);
     } else {
-        exit::TESTS_FAILED
-    })
+        for output in &outputs {
+            let bytes = output["bytes"].as_u64().unwrap_or(0);
+            say!(
+                "{}  ({:.1} MiB)",
+                output["path"].as_str().unwrap_or_default(),
+                bytes as f64 / (1 << 20) as f64
+            );
+        }
+        for case in cases.iter().flatten() {
+            say!("{}", printable(&case.line()));
+        }
+    }
+    Ok(if passed { exit::SUCCESS } else { exit::TESTS_FAILED })
+}
+
+/// With `--json`, a failure is a JSON document too (`{"error": …, "causes": […]}`), and
+/// so is a cancellation, so that a tool reading stdout always gets one. The message
+/// goes to stderr as well, for the person watching.
+fn answered(json: bool, result: Result<u8>) -> Result<u8> {
+    if !json {
+        return result;
+    }
+    let (status, error) = match result {
+        Ok(exit::CANCELLED) => (exit::CANCELLED, serde_json::json!({"error": "cancelled"})),
+        Ok(status) => return Ok(status),
+        Err(e) => {
+            report(&e);
+            let causes: Vec<String> = e.chain().skip(1).map(ToString::to_string).collect();
+            (
+                exit::ERROR,
+                serde_json::json!({"error": e.to_string(), "causes": causes}),
+            )
+        }
+    };
+    say!("{}", serde_json::to_string_pretty(&error)?);
+    Ok(status)
 }
 
 fn build_options(
@@ -711,7 +770,6 @@ async fn test(args: TestArgs) -> Result<u8> {
         .firmware
         .map_or_else(|| boottest::firmware::defaults(arch), |f| vec![f]);
     let mut cases = Vec::new();
-    let mut failed = false;
     for firmware in firmwares {
         let options = BootOptions {
             image: args.image.clone(),
@@ -728,12 +786,13 @@ async fn test(args: TestArgs) -> Result<u8> {
             return Ok(exit::CANCELLED);
         };
         let case = result.case();
-        say!("{}", printable(&case.line()));
-        if !case.passed {
-            failed = true;
-            say!("      last lines of the console:");
-            for line in case.details.lines() {
-                say!("      | {}", printable(line));
+        if !args.json {
+            say!("{}", printable(&case.line()));
+            if !case.passed {
+                say!("      last lines of the console:");
+                for line in case.details.lines() {
+                    say!("      | {}", printable(line));
+                }
             }
         }
         cases.push(case);
@@ -741,7 +800,12 @@ async fn test(args: TestArgs) -> Result<u8> {
     if let Some(path) = &args.junit {
         write_atomically(path, imgvm::report::junit(&info.name, &cases).as_bytes())?;
     }
-    Ok(if failed { exit::TESTS_FAILED } else { exit::SUCCESS })
+    let passed = cases.iter().all(|c| c.passed);
+    if args.json {
+        let result = serde_json::json!({"image": args.image, "arch": arch, "passed": passed, "cases": cases});
+        say!("{}", serde_json::to_string_pretty(&result)?);
+    }
+    Ok(if passed { exit::SUCCESS } else { exit::TESTS_FAILED })
 }
 
 /// Readers of `path` see the old content or the new, never a part.

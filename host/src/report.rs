@@ -3,7 +3,7 @@
 //! --test`, `imgvm test`, the build log and NAME.junit.xml all say the same thing.
 
 /// One test case's result.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Case {
     pub name: String,
     /// Zero when not timed (offline checks).

@@ -151,3 +151,33 @@ fn log_lines_are_coloured_only_for_a_terminal_that_did_not_ask_for_none() {
     assert!(asked.contains("DEBUG GET http"), "{asked}");
     assert!(!asked.contains('\u{1b}'), "NO_COLOR=1, yet: {asked}");
 }
+
+#[test]
+fn doctor_and_a_failed_build_answer_in_json_when_asked() {
+    let (code, stdout, stderr) = run(&mut imgvm(["doctor", "--json"]));
+    assert_eq!(code, Some(0), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(report["ready"], true);
+    let checks = report["checks"].as_array().unwrap();
+    let cache = checks
+        .iter()
+        .find(|c| c["what"] == "cache directory")
+        .expect("{report}");
+    assert_eq!(cache["ok"], true);
+    assert!(checks
+        .iter()
+        .all(|c| c["detail"].is_string() && c["required"].is_boolean()));
+
+    // A build that fails says so in JSON on stdout, and in words on stderr.
+    let dir = workdir("cli-json");
+    let recipe = dir.join("r.yaml");
+    std::fs::write(&recipe, "name: r\nsuite: trixie\ndisk: {size: 3 gigs}\n").unwrap();
+    give_to_user(&recipe);
+    let (code, stdout, stderr) = run(imgvm(["build", "--json", "-o"]).arg(dir.join("out")).arg(&recipe));
+    assert_eq!(code, Some(1), "{stderr}");
+    let failure: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document");
+    let error = failure["error"].as_str().unwrap();
+    assert!(error.ends_with("r.yaml:3:14: disk: invalid size `3 gigs`: unknown unit `gigs` (use B, KiB, MiB, GiB or TiB, or the SI kB, MB, GB or TB)"), "{error}");
+    assert!(stderr.contains(error), "{stderr}");
+    assert!(!dir.join("out").exists());
+}

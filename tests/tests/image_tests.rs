@@ -82,4 +82,26 @@ fn a_broken_image_fails_its_checks_and_its_boot_saying_where() {
         "{boots:?}"
     );
     assert!(out.join("broken-amd64.raw").exists());
+
+    // `imgvm test --json`: one JSON document with the case, the status of failed tests.
+    let tested = imgvm(["test", "--json", "--firmware", "bios"])
+        .arg(out.join("broken-amd64.raw"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&tested.stdout);
+    assert_eq!(tested.status.code(), Some(3), "{stdout}");
+    let result: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(result["passed"], false);
+    assert_eq!(result["arch"], "amd64", "from the manifest");
+    let cases = result["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 1, "{result}");
+    assert_eq!(cases[0]["name"], "boot (seabios)");
+    assert_eq!(cases[0]["passed"], false);
+    assert!(
+        cases[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("boot stopped in the firmware"),
+        "{result}"
+    );
 }

@@ -31,16 +31,29 @@ outputs: [raw]
 
 /// Builds `recipe` (named `name`) into `out`: each step and whether it came from the
 /// step cache, as the manifest says, in order.
+/// Builds with `--json`: the steps and whether each came from the cache, as the one
+/// JSON document on stdout says them, which must be what the manifest says.
 fn build(recipe: &Path, name: &str, out: &Path) -> Vec<(String, bool)> {
-    run_ok(imgvm(["build", "--arch", "amd64", "-o"]).arg(out).arg(recipe));
+    let stdout = run_ok(imgvm(["build", "--json", "--arch", "amd64", "-o"]).arg(out).arg(recipe));
+    let result: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document on stdout");
     let manifest = std::fs::read(out.join(format!("{name}-amd64.manifest.json"))).unwrap();
     let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    manifest["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| (s["step"].as_str().unwrap().to_owned(), s["cached"] == true))
-        .collect()
+    let steps = |steps: &serde_json::Value| -> Vec<(String, bool)> {
+        let steps = steps.as_array().unwrap().iter();
+        steps
+            .map(|s| (s["step"].as_str().unwrap().to_owned(), s["cached"] == true))
+            .collect()
+    };
+    assert_eq!(steps(&result["steps"]), steps(&manifest["steps"]), "{stdout}");
+    let outputs = result["outputs"].as_array().unwrap();
+    let raw = out.join(format!("{name}-amd64.raw"));
+    assert!(outputs.iter().any(|o| o["path"] == raw.to_str().unwrap()), "{stdout}");
+    for output in outputs {
+        let size = std::fs::metadata(output["path"].as_str().unwrap()).unwrap().len();
+        assert_eq!(output["bytes"], size, "{output}");
+    }
+    assert_eq!(result["tests"], serde_json::Value::Null, "no --test");
+    steps(&manifest["steps"])
 }
 
 /// The steps that came from the cache.

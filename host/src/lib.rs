@@ -6,12 +6,14 @@
 //! - [`session`] speaks the protocol to the agent inside,
 //! - [`helper`] ties those together, and [`run`] is `imgvm run` on top;
 //! - [`recipe`] reads recipes and [`build`] turns them into images;
-//! - [`boottest`] boots built images on their firmware (`imgvm test`).
+//! - [`boottest`] boots built images on their firmware (`imgvm test`), and [`boot`]
+//!   boots one for a person at the terminal (`imgvm boot`).
 
 pub mod agent;
 pub mod appliance;
 pub mod arch;
 pub mod archive;
+pub mod boot;
 pub mod boottest;
 pub mod build;
 pub mod cache;

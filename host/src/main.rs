@@ -69,6 +69,9 @@ enum Cmd {
     Build(BuildArgs),
     /// Boot a built image on its firmware and check that it comes up.
     Test(TestArgs),
+    /// Boot a built image on its firmware with its serial console on this terminal
+    /// (Ctrl-] powers it off, twice stops it at once; a reboot ends it too).
+    Boot(BootArgs),
     /// Boot the helper VM and run a command in it (the debugging entry point).
     Run(RunArgs),
     /// Assemble or inspect the helper VM's appliance.
@@ -289,6 +292,34 @@ struct LockArgs {
 }
 
 #[derive(clap::Args)]
+struct BootArgs {
+    /// The image (raw, qcow2 or vmdk), as `imgvm build` wrote it.
+    image: PathBuf,
+    /// Architecture of the image (default: its manifest's, else this machine's).
+    #[arg(long)]
+    arch: Option<Arch>,
+    /// Firmware to boot with (default: the architecture's first: BIOS on amd64).
+    #[arg(long, value_enum)]
+    firmware: Option<imgvm::boottest::Firmware>,
+    /// Write to the image itself; without it, changes go to a snapshot that is dropped.
+    #[arg(long)]
+    persist: bool,
+    /// Forward this port on 127.0.0.1 to the guest's ssh port (22).
+    #[arg(long, value_name = "PORT")]
+    ssh_port: Option<u16>,
+    /// Let this public key in as the image's default user, through a NoCloud seed (for
+    /// images with cloud-init).
+    #[arg(long, value_name = "FILE")]
+    ssh_key: Option<PathBuf>,
+    /// Memory of the VM in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+    /// vCPUs of the VM (default: the host's cores, at most 8).
+    #[arg(long)]
+    cpus: Option<u32>,
+}
+
+#[derive(clap::Args)]
 struct TestArgs {
     /// The image (raw, qcow2 or vmdk), as `imgvm build` wrote it.
     image: PathBuf,
@@ -460,6 +491,7 @@ async fn dispatch(command: Cmd) -> Result<u8> {
             let json = args.json;
             answered(json, build(args).await)
         }
+        Cmd::Boot(args) => boot(args).await,
         Cmd::Test(args) => {
             let json = args.json;
             answered(json, test(args).await)
@@ -756,6 +788,55 @@ async fn lock(args: LockArgs) -> Result<u8> {
     tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
     tmp.persist(&dest)?;
     say!("{}", dest.display());
+    Ok(exit::SUCCESS)
+}
+
+async fn boot(args: BootArgs) -> Result<u8> {
+    use imgvm::boottest::{firmware, ImageInfo};
+    if !args.image.is_file() {
+        anyhow::bail!("{}: no such image", args.image.display());
+    }
+    let info = ImageInfo::of(&args.image);
+    let arch = args.arch.or(info.arch).or_else(Arch::host).unwrap_or(Arch::Amd64);
+    let firmware = match args.firmware {
+        Some(firmware) => firmware,
+        None => *firmware::defaults(arch)
+            .first()
+            .context("no firmware for this architecture")?,
+    };
+    let ssh_keys = match &args.ssh_key {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            imgvm::boot::ssh_keys(&text).with_context(|| format!("--ssh-key {}", path.display()))?
+        }
+        None => Vec::new(),
+    };
+    let options = imgvm::boot::BootOptions {
+        image: args.image.clone(),
+        arch,
+        firmware,
+        persist: args.persist,
+        ssh_port: args.ssh_port,
+        ssh_keys,
+        memory_mib: args.memory,
+        cpus: args.cpus.unwrap_or_else(imgvm::helper::default_cpus),
+    };
+    let changes = if args.persist {
+        "written to it"
+    } else {
+        "dropped at the end"
+    };
+    tracing::info!(
+        "booting {} ({arch}, {}); changes are {changes}; Ctrl-] powers it off",
+        args.image.display(),
+        firmware::name(arch, firmware)
+    );
+    if let Some(port) = args.ssh_port {
+        tracing::info!("ssh: ssh -p {port} USER@127.0.0.1");
+    }
+    let Some(_) = interruptible(|cancel| async move { imgvm::boot::boot(&options, &cancel).await }).await? else {
+        return Ok(exit::CANCELLED);
+    };
     Ok(exit::SUCCESS)
 }
 

@@ -4,6 +4,7 @@
 
 pub mod cyclonedx;
 pub mod mirror;
+pub mod terminal;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -1,9 +1,11 @@
 //! imgvm's main job end to end: a Debian cloud image built from a recipe in images/ by an
 //! unprivileged user, checked from the host and, through `imgvm run`, from inside.
 
+use imgvm_e2e::terminal::Terminal;
 use imgvm_e2e::{give_to_user, imgvm, run_ok, workdir};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 /// images/debian, copied where the test user can read it.
 fn recipes(dir: &Path) -> PathBuf {
@@ -220,6 +222,26 @@ cat /mnt/etc/fstab";
             .all(|l| l.starts_with("PARTUUID=") || l.starts_with("UUID=")),
         "{fstab:?}"
     );
+
+    // `imgvm boot`, driven as a person would from a terminal: the serial console reaches
+    // the login prompt, Ctrl-] has the guest power off (its kernel says so), and the image
+    // is as it was: the boot wrote into a snapshot.
+    let sha256 = || run_ok(Command::new("sha256sum").arg(&raw));
+    let before = sha256();
+    let mut terminal = Terminal::spawn(imgvm(["boot"]).arg(&raw));
+    assert!(
+        terminal.wait_for(" login: ", Duration::from_secs(420)),
+        "no login prompt:\n{}",
+        terminal.shown()
+    );
+    terminal.send(&[0x1d]); // Ctrl-]
+    let (status, shown) = terminal.finish(Duration::from_secs(180));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}:\n{shown}");
+    let said = |text: &str| assert!(shown.contains(text), "`{text}` not shown:\n{shown}");
+    said("[imgvm: powering the machine off");
+    said("reboot: Power down");
+    said("[imgvm: powered off]");
+    assert_eq!(sha256(), before, "the boot changed the image");
 
     // The first build, on an empty cache, downloaded its packages (those the helper
     // appliance shares were stored, verified, when it was assembled just before). That a

@@ -3,10 +3,10 @@
 //! coloured only for a person at a terminal. (Exit status 3 is checked by
 //! image_tests.rs, 130 by step_cache.rs and helper_vm.rs: they need a VM.)
 
+use imgvm_e2e::terminal::Terminal;
 use imgvm_e2e::{give_to_user, imgvm, workdir};
-use std::io::Read;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::time::Duration;
 
 /// Exit status, stdout and stderr.
 fn run(cmd: &mut Command) -> (Option<i32>, String, String) {
@@ -103,35 +103,12 @@ fn manual_pages_and_shell_completions_are_generated() {
     assert_eq!(code, Some(0), "the bash completion does not parse: {stderr}");
 }
 
-/// What `imgvm ARGS` writes to stderr when stderr is a terminal (a pseudo-terminal
-/// this test holds).
+/// What `imgvm ARGS` shows when it runs on a terminal.
 fn on_a_terminal(args: &[&str], env: &[(&str, &str)]) -> String {
-    let (mut master, mut slave) = (-1, -1);
-    // SAFETY: openpty fills in two descriptors, which are owned from here on.
-    let opened = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both were just opened and nothing else owns them.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-    let mut child = imgvm(args)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(slave))
-        .spawn()
-        .unwrap();
-    let mut terminal = std::fs::File::from(master);
-    let mut text = Vec::new();
-    // Read until the child's end closes (EIO then, on Linux).
-    let _ = terminal.read_to_end(&mut text);
-    child.wait().unwrap();
-    String::from_utf8_lossy(&text).into_owned()
+    let terminal = Terminal::spawn(imgvm(args).envs(env.iter().copied()));
+    let (status, shown) = terminal.finish(Duration::from_secs(120));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}: {shown}");
+    shown
 }
 
 #[test]

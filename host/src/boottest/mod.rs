@@ -6,7 +6,7 @@
 //! The image is attached as a snapshot: testing never changes it.
 
 pub mod firmware;
-mod seed;
+pub mod seed;
 mod stage;
 
 pub use firmware::Firmware;
@@ -114,7 +114,12 @@ async fn boot_with(options: &BootOptions, accel: Accel, cancel: &CancellationTok
     let marker = format!("imgvm-boot-42-{token}");
     let command = format!("echo imgvm-boot-$((6*7))-{token}");
     let seed = dir.path().join("seed.img");
-    seed::write(&seed, &format!("imgvm-{token}"), &command)?;
+    seed::write(
+        &seed,
+        &format!("imgvm-{token}"),
+        "imgvm-test",
+        &seed::marker_user_data(&command),
+    )?;
 
     let launcher = Qemu {
         arch,

@@ -9,14 +9,28 @@ use std::path::Path;
 /// Big enough for FAT12 and a few small files.
 const SIZE: u64 = 1 << 20;
 
-/// Writes the seed to `path`: cloud-init prints `marker_command`'s output on the console
-/// and powers the machine off.
-pub fn write(path: &Path, instance_id: &str, marker_command: &str) -> Result<()> {
-    let meta_data = format!("instance-id: {instance_id}\nlocal-hostname: imgvm-test\n");
-    let user_data = format!(
+/// The user-data of a boot test: cloud-init prints `marker_command`'s output on the
+/// console and powers the machine off.
+pub fn marker_user_data(marker_command: &str) -> String {
+    format!(
         "#cloud-config\nruncmd:\n  - [sh, -c, {}]\npower_state:\n  mode: poweroff\n  delay: now\n  timeout: 30\n",
-        serde_json::to_string(&format!("{marker_command} > /dev/console"))?
-    );
+        serde_json::Value::from(format!("{marker_command} > /dev/console"))
+    )
+}
+
+/// The user-data that lets these ssh keys (`authorized_keys` lines) in as the image's
+/// default user.
+pub fn ssh_user_data(keys: &[String]) -> String {
+    let mut user_data = "#cloud-config\nssh_authorized_keys:\n".to_owned();
+    for key in keys {
+        user_data.push_str(&format!("  - {}\n", serde_json::Value::from(key.as_str())));
+    }
+    user_data
+}
+
+/// Writes the seed to `path`, for a machine named `hostname`.
+pub fn write(path: &Path, instance_id: &str, hostname: &str, user_data: &str) -> Result<()> {
+    let meta_data = format!("instance-id: {instance_id}\nlocal-hostname: {hostname}\n");
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -30,10 +44,10 @@ pub fn write(path: &Path, instance_id: &str, marker_command: &str) -> Result<()>
     )
     .context("formatting the seed")?;
     let fs = fatfs::FileSystem::new(&mut file, fatfs::FsOptions::new()).context("opening the seed")?;
-    for (name, content) in [("meta-data", meta_data), ("user-data", user_data)] {
+    for (name, content) in [("meta-data", meta_data.as_str()), ("user-data", user_data)] {
         let mut f = fs.root_dir().create_file(name)?;
         f.truncate()?;
-        f.write_all(content.as_bytes())?;
+        f.write_all(content.as_ref())?;
     }
     fs.unmount()?;
     file.sync_all()?;
@@ -49,7 +63,7 @@ mod tests {
     fn seed_is_a_cidata_vfat_with_both_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seed.img");
-        write(&path, "i-1", "echo hi").unwrap();
+        write(&path, "i-1", "imgvm-test", &marker_user_data("echo hi")).unwrap();
         let mut file = std::fs::File::open(&path).unwrap();
         let fs = fatfs::FileSystem::new(&mut file, fatfs::FsOptions::new()).unwrap();
         assert_eq!(fs.volume_label().trim_end(), "CIDATA");
@@ -71,5 +85,17 @@ mod tests {
             .read_to_string(&mut meta)
             .unwrap();
         assert_eq!(meta, "instance-id: i-1\nlocal-hostname: imgvm-test\n");
+    }
+
+    #[test]
+    fn ssh_keys_are_quoted_for_yaml() {
+        let keys = [
+            "ssh-ed25519 AAAAC3Nz me@host".to_owned(),
+            "ssh-rsa AAAAB3 \"odd\" #x".to_owned(),
+        ];
+        assert_eq!(
+            ssh_user_data(&keys),
+            "#cloud-config\nssh_authorized_keys:\n  - \"ssh-ed25519 AAAAC3Nz me@host\"\n  - \"ssh-rsa AAAAB3 \\\"odd\\\" #x\"\n"
+        );
     }
 }

@@ -8,7 +8,7 @@
 mod accel;
 mod console;
 pub mod qemu;
-mod qmp;
+pub mod qmp;
 pub mod vsock;
 
 pub use accel::Accel;

@@ -29,6 +29,16 @@ pub async fn status(path: &Path) -> Result<String> {
         .to_owned())
 }
 
+/// Presses the machine's power button (ACPI): the guest shuts down as it sees fit.
+pub async fn powerdown(path: &Path) -> Result<()> {
+    let mut stream = QmpStreamTokio::open_uds(path).await?.negotiate().await?;
+    stream
+        .execute(qmp::system_powerdown {})
+        .await
+        .context("system_powerdown")?;
+    Ok(())
+}
+
 pub async fn quit(path: &Path) -> Result<()> {
     let mut stream = QmpStreamTokio::open_uds(path).await?.negotiate().await?;
     // qemu may close the socket before answering; either way it is quitting.

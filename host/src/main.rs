@@ -791,13 +791,20 @@ async fn lock(args: LockArgs) -> Result<u8> {
     Ok(exit::SUCCESS)
 }
 
-async fn boot(args: BootArgs) -> Result<u8> {
-    use imgvm::boottest::{firmware, ImageInfo};
-    if !args.image.is_file() {
-        anyhow::bail!("{}: no such image", args.image.display());
+/// A built image named on the command line, what its manifest says of it, and its
+/// architecture (`--arch`, else the manifest's, else this machine's).
+fn built_image(image: &std::path::Path, arch: Option<Arch>) -> Result<(imgvm::boottest::ImageInfo, Arch)> {
+    if !image.is_file() {
+        anyhow::bail!("{}: no such image", image.display());
     }
-    let info = ImageInfo::of(&args.image);
-    let arch = args.arch.or(info.arch).or_else(Arch::host).unwrap_or(Arch::Amd64);
+    let info = imgvm::boottest::ImageInfo::of(image);
+    let arch = arch.or(info.arch).or_else(Arch::host).unwrap_or(Arch::Amd64);
+    Ok((info, arch))
+}
+
+async fn boot(args: BootArgs) -> Result<u8> {
+    use imgvm::boottest::firmware;
+    let (_, arch) = built_image(&args.image, args.arch)?;
     let firmware = match args.firmware {
         Some(firmware) => firmware,
         None => *firmware::defaults(arch)
@@ -841,12 +848,8 @@ async fn boot(args: BootArgs) -> Result<u8> {
 }
 
 async fn test(args: TestArgs) -> Result<u8> {
-    use imgvm::boottest::{self, BootOptions, ImageInfo};
-    if !args.image.is_file() {
-        anyhow::bail!("{}: no such image", args.image.display());
-    }
-    let info = ImageInfo::of(&args.image);
-    let arch = args.arch.or(info.arch).or_else(Arch::host).unwrap_or(Arch::Amd64);
+    use imgvm::boottest::{self, BootOptions};
+    let (info, arch) = built_image(&args.image, args.arch)?;
     let firmwares = args
         .firmware
         .map_or_else(|| boottest::firmware::defaults(arch), |f| vec![f]);

@@ -45,6 +45,7 @@ image_operations! {
     25 ListFiles "list-files" -> Vec<FileEntry>, |op| format!("list the files of {}", op.device);
     26 Freeze "freeze" -> (), |_op| "freeze the image's filesystems".into();
     27 Thaw "thaw" -> (), |_op| "thaw the image's filesystems".into();
+    28 Prefetch "prefetch" -> (), |_op| "read the image's files ahead, in the background".into();
 }
 
 impl ImageOp {
@@ -168,6 +169,15 @@ pub struct Freeze;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct Thaw;
+
+/// Starts reading the files of the image's root filesystem into the helper's memory in
+/// the background, and answers at once. A build that resumes from a stored state boots
+/// a helper that has read none of the image, and its last step (the seal) reads all of
+/// it: read ahead while the steps before it run, it takes half as long. Bounded by the
+/// helper's free memory; [`Unmount`] waits for it to stop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct Prefetch;
 
 /// Unmounts the image (children first), trimming unused blocks first if asked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -193,6 +193,7 @@ fn operations() -> Vec<ImageOp> {
         .into(),
         Freeze.into(),
         Thaw.into(),
+        Prefetch.into(),
     ]
 }
 
@@ -247,6 +248,7 @@ fn replies() -> Vec<ImageReply> {
             }]),
             26 => ImageReply::Freeze(()),
             27 => ImageReply::Thaw(()),
+            28 => ImageReply::Prefetch(()),
             _ => panic!("tag {tag} has no golden reply: add one"),
         });
     }

@@ -1,7 +1,8 @@
 //! The step cache: a build starts from the state the cache has after the last step that
 //! did not change, runs only the steps from the first changed one on, and its image has
-//! the change (read from outside imgvm, with debugfs); a build interrupted while it
-//! stores a state leaves nothing that the next build would take for a state.
+//! the change (read from outside imgvm, with debugfs) and is the image a build from zero
+//! makes; a build interrupted while it stores a state leaves nothing that the next build
+//! would take for a state.
 
 use imgvm_e2e::{give_to_user, imgvm, run_ok, user_cache_dir, workdir};
 use std::io::BufRead;
@@ -182,6 +183,17 @@ fn a_rebuild_runs_only_the_changed_steps_and_an_interrupted_store_is_not_reused(
             .to_owned()
     };
     assert_eq!(sum(&fourth_out), sum(&third_out));
+
+    // A build resumed from a stored state (the second: its helper read the image ahead
+    // and sealed it from there) made the image a build from zero makes.
+    write("one", "second");
+    let from_zero = out("from-zero");
+    run_ok(
+        imgvm(["build", "--no-cache", "--arch", "amd64", "-o"])
+            .arg(&from_zero)
+            .arg(&path),
+    );
+    assert_eq!(sum(&from_zero), sum(&second_out), "resumed and from zero differ");
 
     // `imgvm cache info` lists the recipe's states.
     let info = run_ok(&mut imgvm(["cache", "info"]));

@@ -150,8 +150,25 @@ fn rebuild() -> Result<()> {
         let steps = manifest["steps"].as_array().context("no steps in the manifest")?;
         let reused = steps.iter().filter(|s| s["cached"] == true).count();
         let of = steps.iter().filter(|s| s["step"] != "boot").count();
+        // What the time went to: the steps that ran (the helper's boot is one of them),
+        // and what the build did outside its steps (outputs, checksums, states).
+        let ran: Vec<String> = steps
+            .iter()
+            .filter(|s| s["cached"] != true)
+            .map(|s| {
+                format!(
+                    "{} {:.1}",
+                    s["step"].as_str().unwrap_or("?"),
+                    s["seconds"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect();
+        let in_steps: f64 = steps.iter().filter_map(|s| s["seconds"].as_f64()).sum();
         rows.push(format!(
-            "{seconds:>9.1}  {what} ({reused} of {of} steps from the cache)"
+            "{seconds:>9.1}  {what} ({reused} of {of} steps from the cache)\n{:>11}ran: {}; outside steps {:.1}",
+            "",
+            ran.join(", "),
+            seconds - in_steps
         ));
         Ok(())
     };

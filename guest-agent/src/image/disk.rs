@@ -155,6 +155,8 @@ impl Handle<Unmount> for Job<'_> {
     fn handle(&self, op: Unmount) -> Result<(), OperationError> {
         let job = self;
         let Unmount { trim } = &op;
+        // Nothing of the image may be open while it is unmounted.
+        super::prefetch::stop();
         let mut points = image_mounts().map_err(|e| job.io_error(&e))?;
         points.sort_by_key(|m| std::cmp::Reverse(m.point.matches('/').count()));
         for ImageMount { point, fstype, .. } in points {

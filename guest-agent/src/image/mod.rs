@@ -9,6 +9,7 @@ mod diagnose;
 mod disk;
 mod files;
 mod listing;
+mod prefetch;
 mod seal;
 mod system;
 

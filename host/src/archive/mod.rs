@@ -9,7 +9,7 @@ mod packages;
 mod release;
 
 pub use deb::extract_data;
-pub use fetch::{hex, Fetcher, Stats, Status};
+pub use fetch::{hex, sha256_of, Fetcher, Stats, Status};
 pub use packages::{Package, PackageIndex};
 pub use release::{parse_date, Freshness, Release, KEYRING};
 

@@ -13,7 +13,7 @@ use crate::plan::{Action, NamedCheck, Phase};
 use crate::recipe::Recipe;
 use crate::recipe::SourceKind;
 use anyhow::{bail, Context, Result};
-use imgvm_protocol::{ErrorKind, Event, ListPackages, OperationError, RunChecks, TARGET};
+use imgvm_protocol::{ErrorKind, Event, ListPackages, OperationError, Prefetch, RunChecks, TARGET};
 use indicatif::HumanBytes;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -518,6 +518,13 @@ async fn run_steps(
                     cached: true,
                 });
                 continue;
+            }
+            if sealed.is_some() && resume.is_some_and(|last| index == last + 1) {
+                // The seal reads the whole image; this helper has read none of it yet.
+                // Only speed depends on it: a failure is logged, the build goes on.
+                if let Err(e) = helper.session.image(Prefetch, None, |_| {}, cancel).await? {
+                    tracing::warn!("the helper cannot read the image ahead: {e}");
+                }
             }
             timings.push(run_phase(&helper, recipe, phase, staging, &mut findings, log, cancel).await?);
             if index < last {

@@ -6,7 +6,6 @@ use crate::manifest::{Manifest, OutputInfo, RecipeInfo};
 use crate::recipe::{OutputFormat, Recipe};
 use anyhow::{bail, Context, Result};
 use imgvm_protocol::Package;
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -111,8 +110,7 @@ pub async fn write(
 
     let mut infos = Vec::new();
     let mut sums = String::new();
-    for (file, format) in files.iter().zip(&recipe.outputs) {
-        let sha256 = sha256(file)?;
+    for ((file, format), sha256) in files.iter().zip(&recipe.outputs).zip(sha256_all(&files)?) {
         let base = file.file_name().expect("named").to_string_lossy().into_owned();
         sums.push_str(&format!("{sha256}  {base}\n"));
         infos.push(OutputInfo {
@@ -188,10 +186,20 @@ pub(super) async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<()> 
 }
 
 fn sha256(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher)?;
-    Ok(crate::archive::hex(&hasher.finalize()))
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(crate::archive::sha256_of(&mut file)?)
+}
+
+/// The SHA256 of each of `files`, each on a thread of its own: the raw image alone takes
+/// seconds, and the others need not wait for it.
+fn sha256_all(files: &[PathBuf]) -> Result<Vec<String>> {
+    std::thread::scope(|scope| {
+        let hashing: Vec<_> = files.iter().map(|file| scope.spawn(|| sha256(file))).collect();
+        hashing
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    })
 }
 
 #[cfg(test)]

@@ -9,9 +9,8 @@
 
 mod known;
 
-use crate::archive::{hex, Fetcher, Status};
+use crate::archive::{sha256_of, Fetcher, Status};
 use known::{Expected, Known};
-use sha2::{Digest, Sha256};
 use std::io::Seek;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -380,13 +379,6 @@ fn matching(file: &Path, expected: &Expected) -> Option<std::fs::File> {
     Some(open)
 }
 
-/// The SHA256 of what `file` holds from its current position on.
-fn sha256_of(file: &mut std::fs::File) -> std::io::Result<String> {
-    let mut hasher = Sha256::new();
-    std::io::copy(file, &mut hasher)?;
-    Ok(hex(&hasher.finalize()))
-}
-
 /// Whether `url` names a file under one of the mirror `prefixes`: after the prefix, only
 /// plain path segments (percent-escapes decoded first, as the mirror's server would),
 /// never `.`, `..`, an escaped slash, a query or a fragment. Requests and every redirect
@@ -537,6 +529,8 @@ async fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::hex;
+    use sha2::{Digest, Sha256};
 
     async fn exchange(proxy: Arc<Proxy>, request: &str) -> String {
         let (client, server) = tokio::io::duplex(64 * 1024);

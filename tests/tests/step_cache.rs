@@ -30,10 +30,9 @@ outputs: [raw]
     )
 }
 
-/// Builds `recipe` (named `name`) into `out`: each step and whether it came from the
-/// step cache, as the manifest says, in order.
-/// Builds with `--json`: the steps and whether each came from the cache, as the one
-/// JSON document on stdout says them, which must be what the manifest says.
+/// Builds `recipe` (named `name`) into `out` with `--json`: each step and whether it came
+/// from the step cache, in order, as the one JSON document on stdout says them, which must
+/// be what the manifest says.
 fn build(recipe: &Path, name: &str, out: &Path) -> Vec<(String, bool)> {
     let stdout = run_ok(imgvm(["build", "--json", "--arch", "amd64", "-o"]).arg(out).arg(recipe));
     let result: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document on stdout");

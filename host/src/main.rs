@@ -346,6 +346,12 @@ struct TestArgs {
     /// vCPUs of the test VM (default: the host's cores, at most 8).
     #[arg(long)]
     cpus: Option<u32>,
+    /// Debian mirror for the packages of the helper VM that prepares the boot.
+    #[arg(long, env = "IMGVM_MIRROR")]
+    helper_mirror: Option<String>,
+    /// Debian suite of the helper VM that prepares the boot.
+    #[arg(long, env = "IMGVM_SUITE")]
+    helper_suite: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -853,20 +859,42 @@ async fn test(args: TestArgs) -> Result<u8> {
     let firmwares = args
         .firmware
         .map_or_else(|| boottest::firmware::defaults(arch), |f| vec![f]);
+    let Some((table, partitions)) = &info.layout else {
+        anyhow::bail!(
+            "{}: no manifest beside it says how its disk is laid out (`imgvm build` writes NAME.manifest.json)",
+            args.image.display()
+        );
+    };
+    let vm = VmArgs {
+        arch,
+        mirror: args.helper_mirror.clone(),
+        suite: args.helper_suite.clone(),
+    };
+    let helper = helper_options(vm, Vec::new(), 1024, args.cpus, 180);
+    let image = &args.image;
+    let prepared =
+        interruptible(
+            |cancel| async move { boottest::Probe::prepare(image, *table, partitions, helper, &cancel).await },
+        )
+        .await?;
+    let Some(probe) = prepared else {
+        return Ok(exit::CANCELLED);
+    };
     let mut cases = Vec::new();
     for firmware in firmwares {
         let options = BootOptions {
-            image: args.image.clone(),
             arch,
             firmware,
             timeout: Duration::from_secs(args.timeout),
             memory_mib: args.memory,
             cpus: args.cpus.unwrap_or_else(imgvm::helper::default_cpus),
-            cloud_init: info.cloud_init,
         };
         let name = boottest::firmware::name(arch, firmware);
         tracing::info!("booting {} ({arch}) with {name}", args.image.display());
-        let Some(result) = interruptible(|cancel| async move { boottest::boot(&options, &cancel).await }).await? else {
+        let probe = &probe;
+        let Some(result) =
+            interruptible(|cancel| async move { boottest::boot(&options, probe, &cancel).await }).await?
+        else {
             return Ok(exit::CANCELLED);
         };
         let case = result.case();

@@ -212,11 +212,18 @@ impl Handle<Clean> for Job<'_> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(job.io_error(&e)),
         };
+        let mut removed_keys = false;
         for entry in keys {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with("ssh_host_") {
                 remove(job, &format!("/etc/ssh/{name}"))?;
+                removed_keys = true;
             }
+        }
+        // cloud-init makes an instance's host keys; without it, nothing would, and sshd
+        // would not start.
+        if removed_keys && exists(job, "/usr/sbin/sshd")? && !exists(job, "/usr/bin/cloud-init")? {
+            regenerate_host_keys(job)?;
         }
         // An empty machine-id (not a missing one) makes systemd generate one at first boot.
         write(job, "/etc/machine-id", b"", 0o444)?;
@@ -225,6 +232,46 @@ impl Handle<Clean> for Job<'_> {
             run(job, &Program::new(&["umount", &target(job, dir)?]))?;
         }
         Ok(())
+    }
+}
+
+/// The unit that makes the host keys of an image without cloud-init at its first boot:
+/// after the root filesystem is writable, before sshd (or its socket) can start.
+const HOST_KEYS_UNIT: &str = "/etc/systemd/system/regenerate-ssh-host-keys.service";
+const HOST_KEYS_SERVICE: &str = "[Unit]
+Description=Generate the SSH host keys this machine does not have yet
+DefaultDependencies=no
+After=local-fs.target
+Before=ssh.service ssh.socket shutdown.target
+Conflicts=shutdown.target
+ConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// Installs and enables [`HOST_KEYS_SERVICE`] (as `systemctl enable` would: a link in
+/// the wants directory of its target).
+fn regenerate_host_keys(job: &Job) -> Result<(), OperationError> {
+    const LINK: &str = "/etc/systemd/system/multi-user.target.wants/regenerate-ssh-host-keys.service";
+    write(job, HOST_KEYS_UNIT, HOST_KEYS_SERVICE.as_bytes(), 0o644)?;
+    remove(job, LINK)?;
+    let link = target(job, LINK)?;
+    let io = |e: std::io::Error| job.io_error(&e);
+    std::fs::create_dir_all(std::path::Path::new(&link).parent().expect("LINK has a parent")).map_err(io)?;
+    std::os::unix::fs::symlink(HOST_KEYS_UNIT, &link).map_err(io)
+}
+
+/// Whether `path` in the image exists (a dangling symlink counts: it is there).
+fn exists(job: &Job, path: &str) -> Result<bool, OperationError> {
+    match std::fs::symlink_metadata(target(job, path)?) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(job.io_error(&e)),
     }
 }
 

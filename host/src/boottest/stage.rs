@@ -10,6 +10,8 @@ pub enum Stage {
     Init,
     CloudInit,
     Login,
+    /// The report unit ran: systemd finished starting the system.
+    Started,
 }
 
 impl Stage {
@@ -47,15 +49,16 @@ impl Stage {
             Stage::Firmware => "in the firmware (no bootloader ran)",
             Stage::Bootloader => "in the bootloader (the kernel did not start)",
             Stage::Kernel => "in the kernel or initramfs (init did not start)",
-            Stage::Init => "in init (systemd started; cloud-init did not run)",
-            Stage::CloudInit => "in cloud-init (it ran but the marker never came)",
-            Stage::Login => "at the login prompt (the marker command never ran)",
+            Stage::Init => "in init (systemd ran; starting the system did not finish)",
+            Stage::CloudInit => "in cloud-init (it ran; starting the system did not finish)",
+            Stage::Login => "at the login prompt (the report unit did not run)",
+            Stage::Started => "after the system started",
         }
     }
 }
 
-/// What firmware, bootloader and kernel print when they have given up: the boot can
-/// only end in a timeout after that, so the test stops at once.
+/// What firmware, bootloader, kernel and systemd print when they have given up: the
+/// boot can only end in a timeout after that, so the test stops at once.
 pub fn dead_end(text: &str) -> Option<&'static str> {
     [
         "No bootable device.",
@@ -63,6 +66,9 @@ pub fn dead_end(text: &str) -> Option<&'static str> {
         "Shell> ",
         "grub rescue>",
         "Kernel panic - not syncing",
+        "You are in emergency mode.",
+        "Cannot open access to console, the root account is locked.",
+        "Give root password for maintenance",
     ]
     .into_iter()
     .find(|end| text.contains(end))

@@ -44,6 +44,27 @@ pub struct BuildOptions {
     pub fallback: Option<String>,
 }
 
+impl BuildOptions {
+    /// The helper VM as the command line asks for it, with no disk, proxy or pin yet.
+    fn helper(&self) -> HelperOptions {
+        HelperOptions {
+            arch: self.recipe.arch,
+            disks: Vec::new(),
+            read_only: false,
+            memory_mib: self.memory_mib,
+            cpus: self.cpus,
+            boot_timeout: self.boot_timeout,
+            mirror: self.helper_mirror.clone(),
+            suite: self.helper_suite.clone(),
+            bare: false,
+            proxy_mirrors: Vec::new(),
+            fallback: None,
+            pinned: Vec::new(),
+            appliance: None,
+        }
+    }
+}
+
 /// A lock written from the mirror that the recipe's `snapshot:` stands in for is
 /// followed from that mirror, so that the image names it as the locked one did; the
 /// snapshot then serves only what the mirror no longer has.
@@ -255,7 +276,7 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
         });
     }
     let tests = if options.test {
-        let boots = boot_tests(&options, &disk, &findings, &mut log, &cancel).await?;
+        let boots = boot_tests(&options, &disk, &lock, &mut log, &cancel).await?;
         Some(TestReport {
             checks: findings.checks,
             boots,
@@ -372,16 +393,27 @@ async fn resolve(options: &BuildOptions, check_packages: bool) -> Result<(Locked
     Ok((release, epoch))
 }
 
-/// Boots the finished disk (attached as a snapshot, so it stays as built) on each
-/// firmware of its architecture.
+/// Boots the finished disk on each firmware of its architecture: a [`Probe`] of it,
+/// prepared in a helper VM made of what built it (the lock's appliance).
+///
+/// [`Probe`]: crate::boottest::Probe
 async fn boot_tests(
     options: &BuildOptions,
     disk: &Path,
-    findings: &Findings,
+    lock: &Lock,
     log: &mut Log,
     cancel: &CancellationToken,
 ) -> Result<Vec<crate::boottest::BootResult>> {
-    let arch = options.recipe.arch;
+    let recipe = &options.recipe;
+    let arch = recipe.arch;
+    let helper = HelperOptions {
+        appliance: Some(lock.helper.clone()),
+        ..options.helper()
+    };
+    let spinner = crate::progress::spinner("boot test: preparing the image's overlay".into());
+    let probe = crate::boottest::Probe::prepare(disk, recipe.table, &recipe.partitions, helper, cancel).await;
+    spinner.finish_and_clear();
+    let probe = probe?;
     let mut results = Vec::new();
     for firmware in crate::boottest::firmware::defaults(arch) {
         let name = crate::boottest::firmware::name(arch, firmware);
@@ -389,15 +421,13 @@ async fn boot_tests(
         tracing::info!("{label}");
         let spinner = crate::progress::spinner(label.clone());
         let boot = crate::boottest::BootOptions {
-            image: disk.to_owned(),
             arch,
             firmware,
             timeout: Duration::from_secs(900),
             memory_mib: 1024,
             cpus: options.cpus.unwrap_or_else(crate::helper::default_cpus),
-            cloud_init: Some(findings.packages.iter().any(|p| p.name == "cloud-init")),
         };
-        let result = crate::boottest::boot(&boot, cancel).await;
+        let result = crate::boottest::boot(&boot, &probe, cancel).await;
         spinner.finish_and_clear();
         let result = result?;
         log.line(&result.case().line());
@@ -425,19 +455,11 @@ async fn run_steps(
     let mut timings = Vec::new();
     let boot_started = Instant::now();
     let helper_options = HelperOptions {
-        arch: recipe.arch,
-        disks: Vec::new(),
-        read_only: false,
-        memory_mib: options.memory_mib,
-        cpus: options.cpus,
-        boot_timeout: options.boot_timeout,
-        mirror: options.helper_mirror.clone(),
-        suite: options.helper_suite.clone(),
-        bare: false,
         proxy_mirrors: vec![recipe.mirror.clone()],
         fallback: options.fallback.clone().map(|archive| (recipe.mirror.clone(), archive)),
         pinned: vec![release.clone()],
         appliance: options.lock.as_ref().map(|lock| lock.lock.helper.clone()),
+        ..options.helper()
     };
     let fetcher = Fetcher::default();
     let prepared = tokio::select! {

@@ -77,7 +77,7 @@ pub fn drive(path: &Path, options: &str) -> Result<OsString> {
 
 /// qcow2 and vmdk files are recognised by their magic; everything else (fixed VHDs
 /// included: a footer after raw data) is attached raw.
-fn disk_format(path: &Path) -> Result<&'static str> {
+pub fn disk_format(path: &Path) -> Result<&'static str> {
     let mut magic = [0u8; 4];
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open disk {}", path.display()))?;
     let n = std::io::Read::read(&mut file, &mut magic)?;

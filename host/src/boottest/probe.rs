@@ -1,0 +1,234 @@
+//! What a boot test boots: a throw-away qcow2 overlay of the image into which a helper
+//! VM has written a one-shot unit that waits for systemd to finish starting the system,
+//! then prints the marker, the system's state and the failed units on the console. So a
+//! boot is judged the same way for every image, with or without cloud-init, with root
+//! locked or not, and without logging in; the image itself is never written.
+
+use crate::helper::{Helper, HelperOptions};
+use crate::recipe::{Partition, TableKind};
+use anyhow::{bail, Context, Result};
+use imgvm_protocol::{Mount, Unmount, WriteFile};
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use tokio_util::sync::CancellationToken;
+
+/// The files written into the overlay: the report script, its unit, and the drop-in that
+/// has the default target want it (regular files only, so no `systemctl` is needed).
+const SCRIPT: &str = "/etc/imgvm-boot-report";
+const UNIT: &str = "/etc/systemd/system/imgvm-boot-report.service";
+const WANTS: &str = "/etc/systemd/system/multi-user.target.d/imgvm-boot-report.conf";
+
+/// Waits for systemd to finish starting the system, then (for at most 30 s) for what is
+/// still starting or stopping: a unit that failed and is being restarted is neither
+/// failed nor running until it settles. Prints one line. The script computes the
+/// marker's number, so the marker itself is in no file.
+const SCRIPT_TEXT: &str = r#"# imgvm's boot test: how the boot ended, on the console.
+systemctl is-system-running --wait > /dev/null
+for i in $(seq 30); do
+    [ -z "$(systemctl list-units --state=activating,deactivating --plain --no-legend --no-pager)" ] && break
+    sleep 1
+done
+failed=$(systemctl list-units --state=failed,auto-restart --plain --no-legend --no-pager |
+    while read -r unit rest; do printf '%s ' "$unit"; done)
+state=$(systemctl is-system-running)
+printf '
+%s state=%s failed=%s
+' "imgvm-boot-$((6*7))-@TOKEN@" "$state" "$failed" > /dev/console
+"#;
+
+/// `Type=exec`: the unit's start job ends once the script runs, so the boot it waits for
+/// can finish.
+const UNIT_TEXT: &str = "[Unit]
+Description=imgvm boot test: report how the boot ended
+
+[Service]
+Type=exec
+ExecStart=/bin/sh /etc/imgvm-boot-report
+";
+
+const WANTS_TEXT: &str = "[Unit]\nWants=imgvm-boot-report.service\n";
+
+/// The longest report line read from the console; a longer one is cut there.
+const REPORT_LIMIT: usize = 8 * 1024;
+
+/// An image ready to be booted for a test, on any number of firmwares: each boot
+/// attaches the overlay as a snapshot, so each starts from the same first boot.
+pub struct Probe {
+    /// Holds the overlay; removed with the probe.
+    _dir: tempfile::TempDir,
+    pub overlay: PathBuf,
+    /// What the report line starts with; never in any file the guest has, so an echo of
+    /// the script cannot pass for it.
+    marker: String,
+    /// The NoCloud seed's instance, new for every probe.
+    pub instance_id: String,
+    /// Whether the first sector has code for a BIOS to run: without it, a BIOS boot
+    /// hangs in silence.
+    pub bios_boot_code: bool,
+}
+
+/// How the boot ended, as the report unit saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Report {
+    /// `systemctl is-system-running` once starting ended: `running`, `degraded`, ...
+    pub state: String,
+    /// Failed units, and units that failed and are being restarted.
+    pub failed: Vec<String>,
+}
+
+impl Probe {
+    /// Makes the overlay of `image` and has a helper VM (`helper`, whose disks are
+    /// replaced) write the report unit into the image's filesystems, as `table` and
+    /// `partitions` (the manifest's) lay them out.
+    pub async fn prepare(
+        image: &Path,
+        table: TableKind,
+        partitions: &[Partition],
+        mut helper: HelperOptions,
+        cancel: &CancellationToken,
+    ) -> Result<Probe> {
+        let filesystems = crate::plan::image_filesystems(table, partitions, "/dev/vda");
+        if !filesystems.iter().any(|(_, mount, _)| mount == "/") {
+            bail!("{}: its manifest names no root filesystem to boot", image.display());
+        }
+        let dir = tempfile::Builder::new().prefix("imgvm-test-").tempdir()?;
+        let overlay = dir.path().join("overlay.qcow2");
+        let image = std::fs::canonicalize(image).with_context(|| format!("cannot open {}", image.display()))?;
+        let format = crate::vm::qemu::disk_format(&image)?;
+        let status = crate::child::command("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+            .arg(&image)
+            .arg(&overlay)
+            .status()
+            .await
+            .context("cannot run qemu-img (see `imgvm doctor`)")?;
+        if !status.success() {
+            bail!("qemu-img could not make an overlay of {} ({status})", image.display());
+        }
+        let boot_code = dir.path().join("boot-code");
+        let status = crate::child::command("qemu-img")
+            .args(["dd", "-f", "qcow2", "-O", "raw", "bs=440", "count=1"])
+            .arg(arg("if=", &overlay))
+            .arg(arg("of=", &boot_code))
+            .status()
+            .await?;
+        if !status.success() {
+            bail!(
+                "qemu-img could not read the first sector of {} ({status})",
+                image.display()
+            );
+        }
+        let bios_boot_code = std::fs::read(&boot_code)?.iter().any(|&b| b != 0);
+
+        let token = format!(
+            "{:016x}",
+            std::collections::hash_map::RandomState::new().build_hasher().finish()
+        );
+        let script = SCRIPT_TEXT.replace("@TOKEN@", &token);
+        helper.disks = vec![overlay.clone()];
+        helper.read_only = false;
+        let fetcher = crate::archive::Fetcher::default();
+        let helper = tokio::select! {
+            helper = Helper::boot(&helper, &fetcher) => helper?,
+            _ = cancel.cancelled() => bail!("cancelled while starting the helper VM"),
+        };
+        let written = async {
+            for (device, path, _) in filesystems {
+                helper
+                    .session
+                    .image(Mount { device, path }, None, |_| {}, cancel)
+                    .await??;
+            }
+            for (path, text, mode) in [
+                (SCRIPT, script.as_str(), 0o755),
+                (UNIT, UNIT_TEXT, 0o644),
+                (WANTS, WANTS_TEXT, 0o644),
+            ] {
+                let op = WriteFile {
+                    path: path.into(),
+                    mode,
+                    owner: "0:0".into(),
+                };
+                let input = Box::new(std::io::Cursor::new(text.as_bytes().to_vec()));
+                helper.session.image(op, Some(input), |_| {}, cancel).await??;
+            }
+            helper
+                .session
+                .image(Unmount { trim: false }, None, |_| {}, cancel)
+                .await??;
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        let shutdown = helper.shutdown().await;
+        written.context("writing the boot test's report unit into the image's overlay")?;
+        shutdown?;
+        Ok(Probe {
+            _dir: dir,
+            overlay,
+            marker: format!("imgvm-boot-42-{token}"),
+            instance_id: format!("imgvm-{token}"),
+            bios_boot_code,
+        })
+    }
+
+    /// The report on `console`, once its whole line has arrived.
+    pub fn report(&self, console: &str) -> Option<Report> {
+        report(console, &self.marker)
+    }
+}
+
+/// `name` followed by `path`: one of qemu-img dd's operands.
+fn arg(name: &str, path: &Path) -> std::ffi::OsString {
+    let mut arg = std::ffi::OsString::from(name);
+    arg.push(path);
+    arg
+}
+
+fn report(console: &str, marker: &str) -> Option<Report> {
+    let start = console.find(marker)? + marker.len();
+    let rest = &console[start..];
+    let line = &rest[..rest.find('\n')?];
+    let cut = (0..=line.len().min(REPORT_LIMIT))
+        .rev()
+        .find(|&i| line.is_char_boundary(i));
+    let line = &line[..cut.unwrap_or(0)];
+    let (state, failed) = line.trim().strip_prefix("state=")?.split_once(" failed=")?;
+    // Only what a unit name can hold: anything else is not the guest's unit list.
+    let unit = |name: &&str| name.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.@\\".contains(c));
+    Some(Report {
+        state: crate::text::printable(state).into_owned(),
+        failed: failed.split_whitespace().filter(unit).map(str::to_owned).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_report_line_once_whole() {
+        let marker = "imgvm-boot-42-00ff";
+        assert_eq!(
+            report("[  OK  ] Reached target\nimgvm-boot-42-00ff state=runn", marker),
+            None
+        );
+        assert_eq!(
+            report("\nimgvm-boot-42-00ff state=running failed=\nlocalhost login: ", marker),
+            Some(Report {
+                state: "running".into(),
+                failed: vec![]
+            })
+        );
+        assert_eq!(
+            report(
+                "imgvm-boot-42-00ff state=degraded failed=broken.service ssh.socket \u{1b}[0m \n",
+                marker
+            ),
+            Some(Report {
+                state: "degraded".into(),
+                failed: vec!["broken.service".into(), "ssh.socket".into()]
+            })
+        );
+        assert_eq!(report("imgvm-boot-42-00fe state=running failed=\n", marker), None);
+    }
+}

@@ -352,6 +352,16 @@ struct TestArgs {
     /// Debian suite of the helper VM that prepares the boot.
     #[arg(long, env = "IMGVM_SUITE")]
     helper_suite: Option<String>,
+    /// Run this recipe's offline checks (`tests:`) on the image first, in the helper VM,
+    /// on a read-only view of a throw-away overlay: the image is not changed.
+    #[arg(long, value_name = "RECIPE")]
+    checks: Option<PathBuf>,
+    /// Set a variable the checks' recipe declares (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_var, requires = "checks")]
+    vars: Vec<(String, String)>,
+    /// Only the offline checks: boot nothing.
+    #[arg(long, requires = "checks", conflicts_with = "firmware")]
+    no_boot: bool,
 }
 
 #[derive(Subcommand)]
@@ -856,9 +866,23 @@ async fn boot(args: BootArgs) -> Result<u8> {
 async fn test(args: TestArgs) -> Result<u8> {
     use imgvm::boottest::{self, BootOptions};
     let (info, arch) = built_image(&args.image, args.arch)?;
-    let firmwares = args
-        .firmware
-        .map_or_else(|| boottest::firmware::defaults(arch), |f| vec![f]);
+    let firmwares = match (args.no_boot, args.firmware) {
+        (true, _) => Vec::new(),
+        (false, Some(f)) => vec![f],
+        (false, None) => boottest::firmware::defaults(arch),
+    };
+    let checks = match &args.checks {
+        Some(path) => {
+            let overrides = imgvm::recipe::Overrides {
+                arch: Some(arch),
+                vars: args.vars.iter().cloned().collect(),
+                mirror: None,
+            };
+            let recipe = imgvm::recipe::Recipe::load_with(path, &overrides, imgvm::recipe::Trust::Confined)?;
+            imgvm::plan::checks(&recipe)
+        }
+        None => Vec::new(),
+    };
     let Some((table, partitions)) = &info.layout else {
         anyhow::bail!(
             "{}: no manifest beside it says how its disk is laid out (`imgvm build` writes NAME.manifest.json)",
@@ -872,15 +896,22 @@ async fn test(args: TestArgs) -> Result<u8> {
     };
     let helper = helper_options(vm, Vec::new(), 1024, args.cpus, 180);
     let image = &args.image;
-    let prepared =
-        interruptible(
-            |cancel| async move { boottest::Probe::prepare(image, *table, partitions, helper, &cancel).await },
-        )
-        .await?;
-    let Some(probe) = prepared else {
+    let wanted = checks.iter().map(|c| c.check.clone()).collect();
+    let prepared = interruptible(|cancel| async move {
+        boottest::Probe::prepare(image, *table, partitions, wanted, helper, &cancel).await
+    })
+    .await?;
+    let Some(mut probe) = prepared else {
         return Ok(exit::CANCELLED);
     };
     let mut cases = Vec::new();
+    for outcome in imgvm::build::check_outcomes(checks, std::mem::take(&mut probe.checks))? {
+        let case = outcome.case();
+        if !args.json {
+            say!("{}", printable(&case.line()));
+        }
+        cases.push(case);
+    }
     for firmware in firmwares {
         let options = BootOptions {
             arch,

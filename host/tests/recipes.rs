@@ -361,6 +361,44 @@ fn grub_settings_belong_to_the_bootloader_step() {
 }
 
 #[test]
+fn check_language_mistakes_are_located() {
+    let with_tests = |tests: &str| format!("{BASE}tests:\n{tests}");
+    assert_eq!(
+        error(
+            &with_tests("  - groups: {names: [root], shells: {root: [/bin/bash]}}\n"),
+            Arch::Amd64
+        ),
+        "DIR/r.yaml:9:29: test 1: groups have no shells (`shells` is for `users`)"
+    );
+    assert_eq!(
+        error(&with_tests("  - file: {path: /run, absent: true, kind: directory}\n"), Arch::Amd64),
+        "DIR/r.yaml:9:18: test 1: `/run` cannot be absent and have contents, a kind, a mode or an owner, or be optional"
+    );
+    assert_eq!(
+        error(&with_tests("  - glob: {pattern: \"boot/*\"}\n"), Arch::Amd64),
+        "DIR/r.yaml:9:22: test 1: glob `boot/*` is not an absolute path without `..`"
+    );
+    assert_eq!(
+        error(&with_tests("  - users: {}\n"), Arch::Amd64),
+        "DIR/r.yaml:9:5: test 1: give at least one of `required`, `names`, `prefixes`, `ids`, `shells`"
+    );
+    assert!(
+        error(&with_tests("  - file: {path: /run, kind: socket}\n"), Arch::Amd64).contains("unknown variant `socket`")
+    );
+}
+
+#[test]
+fn bootstrap_files_stay_inside_the_image() {
+    let recipe = format!(
+        "{BASE}steps:\n  - bootstrap:\n      files:\n        - {{path: ../etc/kernel-img.conf, content: x}}\n  - finalize: {{}}\n"
+    );
+    assert_eq!(
+        error(&recipe, Arch::Amd64),
+        "DIR/r.yaml:11:18: step 1 (bootstrap): path `../etc/kernel-img.conf` is not an absolute path without `..`"
+    );
+}
+
+#[test]
 fn debconf_answers_are_checked() {
     let good = format!("{BASE}steps:\n  - debconf: [\"locales locales/default_environment_locale select C.UTF-8\"]\n");
     let (_dir, recipe) = load(&[("r.yaml", &good)], Arch::Amd64);

@@ -147,6 +147,15 @@ pub struct Fstab(pub Vec<FstabEntry>);
 #[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct Clean;
 
+/// A small file given whole inside an operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct TreeFile {
+    pub path: String,
+    pub mode: u32,
+    pub content: crate::Bytes,
+}
+
 /// Every installed package.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
@@ -388,6 +397,9 @@ pub struct SealedFilesystem {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 pub struct Bootstrap {
+    /// Written into the tree, owned by root, before any package is unpacked: settings that
+    /// packages read while they install, such as `/etc/kernel-img.conf`.
+    pub files: Vec<TreeFile>,
     pub suite: String,
     /// mmdebstrap's variant: minbase, apt, required, important, standard.
     pub variant: String,
@@ -539,23 +551,26 @@ pub struct Package {
 #[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
 #[serde(rename_all = "kebab-case")]
 pub enum Check {
+    /// `expect` about `path`; when `optional`, a path that does not exist passes too.
     File {
         path: String,
         expect: FileExpect,
+        optional: bool,
+    },
+    /// Some path matches the glob `pattern` (`*`, `?`, `[...]` per component; `*` does
+    /// not match a leading dot), or, when `absent`, none does.
+    Glob { pattern: String, absent: bool },
+    /// An expectation about every entry of `/etc/passwd` or `/etc/group`.
+    Accounts {
+        database: AccountDatabase,
+        expect: AccountExpect,
     },
     /// Installed (fully configured), at `version` if given.
-    Package {
-        name: String,
-        version: Option<String>,
-    },
+    Package { name: String, version: Option<String> },
     /// `systemctl is-enabled` says `enabled`.
-    ServiceEnabled {
-        name: String,
-    },
+    ServiceEnabled { name: String },
     /// A shell script in the image's chroot exits 0.
-    Command {
-        script: String,
-    },
+    Command { script: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -573,6 +588,45 @@ pub enum FileExpect {
     Mode(u32),
     /// `user:group` by name, as the image's own passwd and group files say.
     Owner(String),
+    /// Is of this kind (symlinks are not followed).
+    Kind(FileKind),
+    /// Has exactly this content.
+    Content(String),
+    /// A directory whose entries are all among these names.
+    Only(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "kebab-case")]
+pub enum FileKind {
+    File,
+    Directory,
+    Symlink,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "kebab-case")]
+pub enum AccountDatabase {
+    /// `/etc/passwd`: users.
+    Passwd,
+    /// `/etc/group`: groups.
+    Group,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+#[serde(rename_all = "kebab-case")]
+pub enum AccountExpect {
+    /// These entries exist.
+    Present(Vec<String>),
+    /// Every entry's name is one of `names` or starts with one of `prefixes`.
+    Names { names: Vec<String>, prefixes: Vec<String> },
+    /// Every entry's id is below `below` or one of `also`.
+    Ids { below: u32, also: Vec<u32> },
+    /// Every user's shell is one listed for its name or for `*` (passwd only).
+    Shells(Vec<(String, Vec<String>)>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -55,6 +55,11 @@ fn operations() -> Vec<ImageOp> {
         }
         .into(),
         Bootstrap {
+            files: vec![TreeFile {
+                path: s("/etc/kernel-img.conf"),
+                mode: 0o644,
+                content: Bytes(b"do_symlinks = no\n".to_vec()),
+            }],
             suite: s("trixie"),
             variant: s("minbase"),
             arch: s("amd64"),
@@ -149,10 +154,42 @@ fn operations() -> Vec<ImageOp> {
             Check::File {
                 path: s("/etc/hostname"),
                 expect: FileExpect::ContainsLine(s("web")),
+                optional: false,
             },
             Check::File {
                 path: s("/etc/shadow"),
                 expect: FileExpect::Mode(0o640),
+                optional: false,
+            },
+            Check::File {
+                path: s("/etc/resolv.conf"),
+                expect: FileExpect::Kind(FileKind::Symlink),
+                optional: true,
+            },
+            Check::File {
+                path: s("/var/log"),
+                expect: FileExpect::Only(vec![s("apt"), s("journal")]),
+                optional: false,
+            },
+            Check::File {
+                path: s("/etc/default/locale"),
+                expect: FileExpect::Content(s("LANG=C.UTF-8\n")),
+                optional: false,
+            },
+            Check::Glob {
+                pattern: s("/boot/vmlinu[xz]*"),
+                absent: false,
+            },
+            Check::Accounts {
+                database: AccountDatabase::Passwd,
+                expect: AccountExpect::Shells(vec![(s("root"), vec![s("/bin/bash")])]),
+            },
+            Check::Accounts {
+                database: AccountDatabase::Group,
+                expect: AccountExpect::Ids {
+                    below: 1000,
+                    also: vec![65534],
+                },
             },
             Check::Package {
                 name: s("vim"),

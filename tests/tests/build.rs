@@ -149,8 +149,36 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
     // and the JUnit report say.
     let tests = &manifest["tests"];
     let checks = tests["checks"].as_array().unwrap();
-    assert!(checks.len() >= 15, "{tests}");
     assert!(checks.iter().all(|c| c["passed"] == true), "{tests}");
+    // Debian's own offline suite is among them, one check per assertion.
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for debian in [
+        "file /run kind",
+        "file /run empty",
+        "file /dev empty",
+        "file /var/cache/apt empty",
+        "file /vmlinuz absent",
+        "file /initrd.img absent",
+        "glob /boot/vmlinu[xz]* matches",
+        "glob /boot/initrd.img* matches",
+        "file /boot/grub/i386-pc kind",
+        "file /boot/grub/x86_64-efi kind",
+        "file /etc/cloud-release exists",
+        "file /etc/default/locale content",
+        "file /etc/fstab kind",
+        "file /etc/resolv.conf kind (if present)",
+        "groups exist",
+        "groups have allowed names",
+        "groups have allowed ids",
+        "users exist",
+        "users have allowed names",
+        "users have allowed shells",
+        "users have allowed ids",
+        "command: every package fully installed",
+        "file /var/log holds only",
+    ] {
+        assert!(names.contains(&debian), "no check `{debian}` in {names:?}");
+    }
     let boots = tests["boots"].as_array().unwrap();
     let firmwares: Vec<&str> = boots.iter().map(|b| b["firmware"].as_str().unwrap()).collect();
     assert_eq!(firmwares, ["seabios", "ovmf"], "{tests}");
@@ -174,6 +202,9 @@ echo machine-id-bytes=$(stat -c %s /mnt/etc/machine-id)
 echo ssh-host-keys=$(ls /mnt/etc/ssh/ | grep -c '^ssh_host_' || true)
 echo apt-lists=$(ls /mnt/var/lib/apt/lists | grep -vc '^lock$\\|^partial$' || true)
 echo apt-cache=$(ls -A /mnt/var/cache/apt | wc -l)
+echo run=$(ls -A /mnt/run | wc -l) dev=$(ls -A /mnt/dev | wc -l)
+echo root-kernel-links=$(ls -A /mnt | grep -c -e '^vmlinu' -e '^initrd' || true)
+cat /mnt/etc/cloud-release
 echo policy-rc-d=$([ -e /mnt/usr/sbin/policy-rc.d ] && echo present || echo absent)
 echo build-apt-conf=$(ls /mnt/etc/apt/apt.conf.d | grep -c 'imgvm\\|mmdebstrap' || true)
 echo apt-proxy=$(grep -rhI '^[[:space:]]*Acquire::http::Proxy' /mnt/etc/apt | wc -l)
@@ -195,6 +226,12 @@ cat /mnt/etc/fstab";
         "apt-lists=0",
         // Debian's images have an empty /var/cache/apt (no archives/partial either).
         "apt-cache=0",
+        // What the bootstrap left below the pseudo filesystems is gone too, and
+        // kernel-img.conf came before the kernel: no /vmlinuz links.
+        "run=0 dev=0",
+        "root-kernel-links=0",
+        "ID=genericcloud",
+        "VERSION=\"dev\"",
         "policy-rc-d=absent",
         // The build's apt configuration (its proxy) is not the image's.
         "build-apt-conf=0",
@@ -223,11 +260,39 @@ cat /mnt/etc/fstab";
         "{fstab:?}"
     );
 
+    // The offline checks of an image built earlier, from outside the build: the recipe's
+    // pass, nocloud's (no cloud-init, its netplan file) do not, and the image is unchanged.
+    let sha256 = || run_ok(Command::new("sha256sum").arg(&raw));
+    let before = sha256();
+    let checks = |recipe: &str| {
+        let output = imgvm(["test", "--json", "--no-boot", "--checks"])
+            .arg(recipes(&dir).join(recipe))
+            .arg(&raw)
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+        (output.status.code(), report)
+    };
+    let (status, report) = checks("trixie-genericcloud.yaml");
+    assert_eq!(status, Some(0), "{report}");
+    assert_eq!(report["cases"].as_array().unwrap().len(), names.len(), "{report}");
+    let (status, report) = checks("trixie-nocloud.yaml");
+    assert_eq!(status, Some(3), "{report}");
+    let failed: Vec<&str> = report["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["passed"] == false)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(failed.contains(&"command: no cloud-init"), "{report}");
+    assert!(failed.contains(&"file /etc/cloud-release content"), "{report}");
+    assert_eq!(sha256(), before, "checking the image changed it");
+
     // `imgvm boot`, driven as a person would from a terminal: the serial console reaches
     // the login prompt, Ctrl-] has the guest power off (its kernel says so), and the image
     // is as it was: the boot wrote into a snapshot.
-    let sha256 = || run_ok(Command::new("sha256sum").arg(&raw));
-    let before = sha256();
     let mut terminal = Terminal::spawn(imgvm(["boot"]).arg(&raw));
     assert!(
         terminal.wait_for(" login: ", Duration::from_secs(420)),

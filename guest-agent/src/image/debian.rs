@@ -37,6 +37,9 @@ impl Handle<Bootstrap> for Job<'_> {
         let b = &op;
         let keyring = "/run/imgvm-keyring.gpg";
         std::fs::write(keyring, &b.keyring.0).map_err(|e| job.io_error(&e))?;
+        for file in &b.files {
+            write(job, &file.path, &file.content.0, file.mode)?;
+        }
         let mut argv = vec![
             "mmdebstrap".to_owned(),
             "--mode=root".into(),
@@ -53,6 +56,10 @@ impl Handle<Bootstrap> for Job<'_> {
             "--skip=cleanup/apt/lists".into(),
             format!("--keyring={keyring}"),
         ];
+        if !b.files.is_empty() {
+            // The tree holds those files already; mmdebstrap otherwise wants it empty.
+            argv.push("--skip=check/empty".into());
+        }
         if !b.include.is_empty() {
             argv.push(format!("--include={}", b.include.join(",")));
         }
@@ -230,6 +237,11 @@ impl Handle<Clean> for Job<'_> {
         write(job, "/var/lib/dpkg/available", b"", 0o644)?;
         for (dir, _) in PSEUDO.iter().rev() {
             run(job, &Program::new(&["umount", &target(job, dir)?]))?;
+        }
+        // Below the pseudo filesystems, what the bootstrap left (device nodes, /run/lock):
+        // a booted system mounts its own there.
+        for dir in ["/dev", "/proc", "/run", "/sys"] {
+            empty_dir(job, dir)?;
         }
         Ok(())
     }

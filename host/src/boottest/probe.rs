@@ -7,7 +7,7 @@
 use crate::helper::{Helper, HelperOptions};
 use crate::recipe::{Partition, TableKind};
 use anyhow::{bail, Context, Result};
-use imgvm_protocol::{Mount, Unmount, WriteFile};
+use imgvm_protocol::{Check, CheckResult, Mount, RunChecks, Unmount, WriteFile};
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
@@ -65,6 +65,9 @@ pub struct Probe {
     /// Whether the first sector has code for a BIOS to run: without it, a BIOS boot
     /// hangs in silence.
     pub bios_boot_code: bool,
+    /// The results of the offline checks asked for, one per check, in their order: run
+    /// on the image as it is, before the report unit is written.
+    pub checks: Vec<CheckResult>,
 }
 
 /// How the boot ended, as the report unit saw it.
@@ -84,6 +87,7 @@ impl Probe {
         image: &Path,
         table: TableKind,
         partitions: &[Partition],
+        checks: Vec<Check>,
         mut helper: HelperOptions,
         cancel: &CancellationToken,
     ) -> Result<Probe> {
@@ -139,6 +143,10 @@ impl Probe {
                     .image(Mount { device, path }, None, |_| {}, cancel)
                     .await??;
             }
+            let results = match checks.is_empty() {
+                true => Vec::new(),
+                false => helper.session.image(RunChecks(checks), None, |_| {}, cancel).await??,
+            };
             for (path, text, mode) in [
                 (SCRIPT, script.as_str(), 0o755),
                 (UNIT, UNIT_TEXT, 0o644),
@@ -156,11 +164,11 @@ impl Probe {
                 .session
                 .image(Unmount { trim: false }, None, |_| {}, cancel)
                 .await??;
-            Ok::<_, anyhow::Error>(())
+            Ok::<_, anyhow::Error>(results)
         }
         .await;
         let shutdown = helper.shutdown().await;
-        written.context("writing the boot test's report unit into the image's overlay")?;
+        let checks = written.context("checking the image and writing the boot test's report unit into its overlay")?;
         shutdown?;
         Ok(Probe {
             _dir: dir,
@@ -168,6 +176,7 @@ impl Probe {
             marker: format!("imgvm-boot-42-{token}"),
             instance_id: format!("imgvm-{token}"),
             bios_boot_code,
+            checks,
         })
     }
 

@@ -411,7 +411,8 @@ async fn boot_tests(
         ..options.helper()
     };
     let spinner = crate::progress::spinner("boot test: preparing the image's overlay".into());
-    let probe = crate::boottest::Probe::prepare(disk, recipe.table, &recipe.partitions, helper, cancel).await;
+    let probe =
+        crate::boottest::Probe::prepare(disk, recipe.table, &recipe.partitions, Vec::new(), helper, cancel).await;
     spinner.finish_and_clear();
     let probe = probe?;
     let mut results = Vec::new();
@@ -864,7 +865,7 @@ async fn run_action(
 
 /// Pairs the planned checks with the agent's results, one for one: a guest that drops
 /// or invents results must not turn into a pass.
-fn check_outcomes(checks: Vec<NamedCheck>, results: Vec<imgvm_protocol::CheckResult>) -> Result<Vec<CheckOutcome>> {
+pub fn check_outcomes(checks: Vec<NamedCheck>, results: Vec<imgvm_protocol::CheckResult>) -> Result<Vec<CheckOutcome>> {
     if results.len() != checks.len() {
         bail!(
             "the agent answered {} offline checks with {} results",

@@ -258,6 +258,15 @@ fn step_actions(recipe: &Recipe, step: &Step, settings: &Settings, ids: &Identit
             // mmdebstrap's variant names are the recipe's.
             let variant = b.variant.name().to_owned();
             let mut actions = vec![Action::Op(ImageOp::Bootstrap(proto::Bootstrap {
+                files: b
+                    .files
+                    .iter()
+                    .map(|f| proto::TreeFile {
+                        path: f.path.clone(),
+                        mode: f.mode.0,
+                        content: proto::Bytes(f.content.clone().into_bytes()),
+                    })
+                    .collect(),
                 suite: recipe.suite.clone(),
                 variant,
                 arch: recipe.arch.debian().into(),
@@ -439,66 +448,110 @@ fn bootloader(recipe: &Recipe, boot: &recipe::Bootloader) -> proto::Bootloader {
 /// file with several expectations becomes one check per expectation.
 pub fn checks(recipe: &Recipe) -> Vec<NamedCheck> {
     let mut out = Vec::new();
+    let mut push = |name: String, check: proto::Check| out.push(NamedCheck { name, check });
     for test in &recipe.tests {
         match test {
             recipe::Test::File(f) => {
-                let mut expects = Vec::new();
-                if f.absent {
-                    expects.push(proto::FileExpect::Absent);
-                }
-                if f.empty {
-                    expects.push(proto::FileExpect::Empty);
-                }
-                if let Some(line) = &f.contains {
-                    expects.push(proto::FileExpect::ContainsLine(line.clone()));
-                }
-                if let Some(pattern) = &f.matches {
-                    expects.push(proto::FileExpect::Matches(pattern.clone()));
-                }
-                if let Some(mode) = f.mode {
-                    expects.push(proto::FileExpect::Mode(mode.0));
-                }
-                if let Some(owner) = &f.owner {
-                    expects.push(proto::FileExpect::Owner(owner.clone()));
-                }
-                if expects.is_empty() {
-                    expects.push(proto::FileExpect::Exists);
-                }
-                for expect in expects {
-                    let what = match &expect {
-                        proto::FileExpect::Exists => "exists".to_owned(),
-                        proto::FileExpect::Absent => "absent".to_owned(),
-                        proto::FileExpect::Empty => "empty".to_owned(),
-                        proto::FileExpect::ContainsLine(_) => "contains".to_owned(),
-                        proto::FileExpect::Matches(_) => "matches".to_owned(),
-                        proto::FileExpect::Mode(_) => "mode".to_owned(),
-                        proto::FileExpect::Owner(_) => "owner".to_owned(),
+                for (what, expect) in file_expectations(f) {
+                    let check = proto::Check::File {
+                        path: f.path.clone(),
+                        expect,
+                        optional: f.optional,
                     };
-                    out.push(NamedCheck {
-                        name: format!("file {} {what}", f.path),
-                        check: proto::Check::File {
-                            path: f.path.clone(),
-                            expect,
-                        },
-                    });
+                    let if_present = if f.optional { " (if present)" } else { "" };
+                    push(format!("file {} {what}{if_present}", f.path), check);
                 }
             }
-            recipe::Test::Package(p) => out.push(NamedCheck {
-                name: format!("package {}", p.name),
-                check: proto::Check::Package {
+            recipe::Test::Package(p) => push(
+                format!("package {}", p.name),
+                proto::Check::Package {
                     name: p.name.clone(),
                     version: p.version.clone(),
                 },
-            }),
-            recipe::Test::Service(name) => out.push(NamedCheck {
-                name: format!("service {name} enabled"),
-                check: proto::Check::ServiceEnabled { name: name.clone() },
-            }),
-            recipe::Test::Command(c) => out.push(NamedCheck {
-                name: format!("command: {}", c.name),
-                check: proto::Check::Command { script: c.run.clone() },
-            }),
+            ),
+            recipe::Test::Service(name) => push(
+                format!("service {name} enabled"),
+                proto::Check::ServiceEnabled { name: name.clone() },
+            ),
+            recipe::Test::Command(c) => push(
+                format!("command: {}", c.name),
+                proto::Check::Command { script: c.run.clone() },
+            ),
+            recipe::Test::Glob(g) => push(
+                format!(
+                    "glob {} {}",
+                    g.pattern,
+                    if g.absent { "matches nothing" } else { "matches" }
+                ),
+                proto::Check::Glob {
+                    pattern: g.pattern.clone(),
+                    absent: g.absent,
+                },
+            ),
+            recipe::Test::Users(a) | recipe::Test::Groups(a) => {
+                let (database, noun) = match test {
+                    recipe::Test::Users(_) => (proto::AccountDatabase::Passwd, "users"),
+                    _ => (proto::AccountDatabase::Group, "groups"),
+                };
+                for (what, expect) in account_expectations(a) {
+                    push(format!("{noun} {what}"), proto::Check::Accounts { database, expect });
+                }
+            }
         }
     }
     out
+}
+
+/// One expectation per field given, each named for the report; none given means that
+/// the path exists.
+fn file_expectations(f: &recipe::FileTest) -> Vec<(&'static str, proto::FileExpect)> {
+    use proto::FileExpect as E;
+    let kind = f.kind.map(|k| match k {
+        recipe::FileKind::File => proto::FileKind::File,
+        recipe::FileKind::Directory => proto::FileKind::Directory,
+        recipe::FileKind::Symlink => proto::FileKind::Symlink,
+    });
+    let expects = [
+        f.absent.then_some(("absent", E::Absent)),
+        kind.map(|k| ("kind", E::Kind(k))),
+        f.empty.then_some(("empty", E::Empty)),
+        f.content.clone().map(|c| ("content", E::Content(c))),
+        f.only.clone().map(|names| ("holds only", E::Only(names))),
+        f.contains.clone().map(|l| ("contains", E::ContainsLine(l))),
+        f.matches.clone().map(|p| ("matches", E::Matches(p))),
+        f.mode.map(|m| ("mode", E::Mode(m.0))),
+        f.owner.clone().map(|o| ("owner", E::Owner(o))),
+    ];
+    let expects: Vec<_> = expects.into_iter().flatten().collect();
+    if expects.is_empty() {
+        vec![("exists", E::Exists)]
+    } else {
+        expects
+    }
+}
+
+fn account_expectations(a: &recipe::AccountsTest) -> Vec<(&'static str, proto::AccountExpect)> {
+    use proto::AccountExpect as E;
+    let rules = [
+        (!a.required.is_empty()).then(|| ("exist", E::Present(a.required.clone()))),
+        (!a.names.is_empty() || !a.prefixes.is_empty()).then(|| {
+            let names = E::Names {
+                names: a.names.clone(),
+                prefixes: a.prefixes.clone(),
+            };
+            ("have allowed names", names)
+        }),
+        a.ids.as_ref().map(|ids| {
+            let ids = E::Ids {
+                below: ids.below,
+                also: ids.also.clone(),
+            };
+            ("have allowed ids", ids)
+        }),
+        (!a.shells.is_empty()).then(|| {
+            let shells = a.shells.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            ("have allowed shells", E::Shells(shells))
+        }),
+    ];
+    rules.into_iter().flatten().collect()
 }

@@ -221,30 +221,8 @@ impl Step {
             })
         };
         match self {
-            Step::File(file) => {
-                if !inside_image(&file.path) {
-                    return problem(
-                        &file.path,
-                        format!("path `{}` is not an absolute path without `..`", file.path),
-                    );
-                }
-                if file.path.starts_with("/etc/default/grub") {
-                    let owned = file.content.lines().find_map(|line| {
-                        let name = line.trim_start().split('=').next()?;
-                        BOOTLOADER_SETTINGS.contains(&name).then_some(name)
-                    });
-                    if let Some(name) = owned {
-                        return problem(
-                            &file.path,
-                            format!(
-                                "{name} belongs to the bootloader step (`bootloader: {{timeout: N, cmdline: ...}}`), \
-                                 which would override this file"
-                            ),
-                        );
-                    }
-                }
-                Ok(())
-            }
+            Step::File(file) => file_problem(&file.path, &file.content),
+            Step::Bootstrap(b) => b.files.iter().try_for_each(|f| file_problem(&f.path, &f.content)),
             Step::Copy(copy) if !inside_image(&copy.to) => problem(
                 &copy.to,
                 format!("destination `{}` is not an absolute path without `..`", copy.to),
@@ -283,11 +261,10 @@ impl Step {
                 Ok(())
             }
             // Checked when read (Debconf), or free-form, or checked against the disk in
-            // `validate` (Bootloader), or placed there (Bootstrap, Finalize).
+            // `validate` (Bootloader), or placed there (Finalize).
             Step::Copy(_)
             | Step::Run(_)
             | Step::AptSources(_)
-            | Step::Bootstrap(_)
             | Step::Apt(_)
             | Step::Hostname(_)
             | Step::Locale(_)
@@ -319,6 +296,33 @@ const BOOTLOADER_SETTINGS: &[&str] = &[
     "GRUB_DISABLE_LINUX_PARTUUID",
 ];
 
+/// What is wrong with writing `content` at `path` in the image: a path outside it, or a
+/// GRUB setting the bootloader step owns (and would override).
+fn file_problem(path: &str, content: &str) -> Result<(), Problem> {
+    let problem = |message: String| {
+        Err(Problem {
+            at: Some(path.to_owned()),
+            message,
+        })
+    };
+    if !inside_image(path) {
+        return problem(format!("path `{path}` is not an absolute path without `..`"));
+    }
+    if path.starts_with("/etc/default/grub") {
+        let owned = content.lines().find_map(|line| {
+            let name = line.trim_start().split('=').next()?;
+            BOOTLOADER_SETTINGS.contains(&name).then_some(name)
+        });
+        if let Some(name) = owned {
+            return problem(format!(
+                "{name} belongs to the bootloader step (`bootloader: {{timeout: N, cmdline: ...}}`), \
+                 which would override this file"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether `path` names a place in the image: absolute, never climbing out with `..`.
 pub(super) fn inside_image(path: &str) -> bool {
     path.starts_with('/') && !path.split('/').any(|c| c == "..")
@@ -329,6 +333,19 @@ pub(super) fn inside_image(path: &str) -> bool {
 pub struct Bootstrap {
     #[serde(default)]
     pub variant: BootstrapVariant,
+    /// Files in the tree before any package is unpacked, owned by root: what packages
+    /// read while they install (Debian writes `/etc/kernel-img.conf` before the kernel).
+    #[serde(default)]
+    pub files: Vec<BootstrapFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapFile {
+    pub path: String,
+    pub content: String,
+    #[serde(default = "default_file_mode")]
+    pub mode: Mode,
 }
 
 /// mmdebstrap's variants, by mmdebstrap's names.
@@ -446,6 +463,46 @@ pub enum Test {
     Service(String),
     /// A script in the image's chroot that must exit 0.
     Command(CommandTest),
+    /// Paths matching a glob exist (or, with `absent`, none does).
+    Glob(GlobTest),
+    /// Rules every entry of /etc/passwd must follow.
+    Users(AccountsTest),
+    /// Rules every entry of /etc/group must follow (no `shells`).
+    Groups(AccountsTest),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobTest {
+    pub pattern: String,
+    #[serde(default)]
+    pub absent: bool,
+}
+
+/// Each rule given is one check of every entry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsTest {
+    /// Entries that must exist.
+    #[serde(default)]
+    pub required: Vec<String>,
+    /// The allowed names (with `prefixes`, the only ones).
+    #[serde(default)]
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    pub ids: Option<IdRule>,
+    /// Allowed shells per user name; `"*"` lists those every user may have.
+    #[serde(default)]
+    pub shells: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdRule {
+    pub below: u32,
+    #[serde(default)]
+    pub also: Vec<u32>,
 }
 
 /// Expectations about one path; with none given, that it exists.
@@ -465,6 +522,23 @@ pub struct FileTest {
     pub mode: Option<Mode>,
     /// `user` or `user:group`.
     pub owner: Option<String>,
+    /// `file`, `directory` or `symlink` (not followed).
+    pub kind: Option<FileKind>,
+    /// The whole content, exactly.
+    pub content: Option<String>,
+    /// A directory holding nothing but these names.
+    pub only: Option<Vec<String>>,
+    /// The other expectations hold if the path exists; absent passes.
+    #[serde(default)]
+    pub optional: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    File,
+    Directory,
+    Symlink,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -230,17 +230,53 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
                         format!("{what}: path `{}` is not an absolute path without `..`", f.path),
                     );
                 }
-                let others =
-                    f.empty || f.contains.is_some() || f.matches.is_some() || f.mode.is_some() || f.owner.is_some();
+                let others = f.empty
+                    || f.contains.is_some()
+                    || f.matches.is_some()
+                    || f.mode.is_some()
+                    || f.owner.is_some()
+                    || f.kind.is_some()
+                    || f.content.is_some()
+                    || f.only.is_some()
+                    || f.optional;
                 if f.absent && others {
                     return fail(
                         &f.path,
                         format!(
-                            "{what}: `{}` cannot be absent and have contents, a mode or an owner",
+                            "{what}: `{}` cannot be absent and have contents, a kind, a mode or an owner, or be optional",
                             f.path
                         ),
                     );
                 }
+            }
+            Test::Glob(g) if !super::model::inside_image(&g.pattern) => {
+                return fail(
+                    &g.pattern,
+                    format!("{what}: glob `{}` is not an absolute path without `..`", g.pattern),
+                );
+            }
+            Test::Groups(a) if !a.shells.is_empty() => {
+                return fail(
+                    "shells:",
+                    format!("{what}: groups have no shells (`shells` is for `users`)"),
+                );
+            }
+            Test::Users(a) | Test::Groups(a)
+                if a.required.is_empty()
+                    && a.names.is_empty()
+                    && a.prefixes.is_empty()
+                    && a.ids.is_none()
+                    && a.shells.is_empty() =>
+            {
+                let needle = if matches!(test, Test::Users(_)) {
+                    "users:"
+                } else {
+                    "groups:"
+                };
+                return fail(
+                    needle,
+                    format!("{what}: give at least one of `required`, `names`, `prefixes`, `ids`, `shells`"),
+                );
             }
             Test::Command(c) if c.name.trim().is_empty() => {
                 return fail("- command:", format!("{what}: a command check needs a `name`"));

@@ -150,6 +150,11 @@ struct RecipeArgs {
     /// (the helper VM's own packages: --helper-mirror).
     #[arg(long, value_parser = parse_mirror)]
     mirror: Option<String>,
+    /// The build's version, e.g. `20261128-1`: outputs are named NAME-ARCH-VERSION, and a
+    /// recipe that declares the variable `version` gets it (the Debian recipes write it
+    /// into /etc/cloud-release).
+    #[arg(long, value_name = "VERSION")]
+    version: Option<String>,
     /// Let the recipe copy files from outside its directory and use a mirror on this
     /// machine or its link-local network (a local apt-cacher-ng): for recipes you wrote.
     #[arg(long)]
@@ -173,6 +178,7 @@ impl RecipeArgs {
             arch: self.arch,
             vars: self.vars.iter().cloned().collect(),
             mirror: self.mirror.clone(),
+            version: self.version.clone(),
         };
         let trust = if self.trust_recipe {
             imgvm::recipe::Trust::Trusted
@@ -877,6 +883,7 @@ async fn test(args: TestArgs) -> Result<u8> {
                 arch: Some(arch),
                 vars: args.vars.iter().cloned().collect(),
                 mirror: None,
+                version: None,
             };
             let recipe = imgvm::recipe::Recipe::load_with(path, &overrides, imgvm::recipe::Trust::Confined)?;
             imgvm::plan::checks(&recipe)

@@ -518,6 +518,7 @@ fn the_command_line_sets_declared_variables_and_names_an_undeclared_one() {
             arch: Some(Arch::Amd64),
             vars: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             mirror: None,
+            version: None,
         };
         Recipe::load_with(&dir.path().join("r.yaml"), &overrides, imgvm::recipe::Trust::Confined)
             .map_err(|e| e.to_string().replace(&dir.path().display().to_string(), "DIR"))
@@ -565,4 +566,42 @@ fn a_bad_timeout_is_located() {
     let err = error(&recipe, Arch::Amd64);
     assert!(err.starts_with("DIR/r.yaml:9:"), "{err}");
     assert!(err.contains("unknown unit `days`"), "{err}");
+}
+
+#[test]
+fn a_version_names_the_outputs_and_fills_the_version_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("r.yaml");
+    let with = |recipe: &str, version: Option<&str>, vars: &[(&str, &str)]| {
+        std::fs::write(&file, recipe).unwrap();
+        let overrides = Overrides {
+            arch: Some(Arch::Amd64),
+            vars: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            version: version.map(str::to_owned),
+            ..Overrides::default()
+        };
+        Recipe::load_with(&file, &overrides, imgvm::recipe::Trust::Confined)
+            .map_err(|e| e.to_string().replace(&dir.path().display().to_string(), "DIR"))
+    };
+    let declares = format!("variables: {{version: dev}}\ndescription: \"v${{version}}\"\n{BASE}");
+    let recipe = with(&declares, Some("20261128-1"), &[]).unwrap();
+    assert_eq!(recipe.output_name(), "test-amd64-20261128-1");
+    assert_eq!(recipe.description.as_deref(), Some("v20261128-1"));
+    // The lock belongs to the recipe and arch, whatever the version.
+    assert_eq!(recipe.lock_path().file_name().unwrap(), "test-amd64.lock");
+    let default = with(&declares, None, &[]).unwrap();
+    assert_eq!(
+        (default.output_name(), default.description.unwrap()),
+        ("test-amd64".into(), "vdev".into())
+    );
+    // A recipe without the variable still gets the name.
+    assert_eq!(with(BASE, Some("7"), &[]).unwrap().output_name(), "test-amd64-7");
+    assert_eq!(
+        with(&declares, Some("1"), &[("version", "2")]).unwrap_err(),
+        "DIR/r.yaml: give --version or --var version=..., not both"
+    );
+    assert!(with(BASE, Some("../x"), &[])
+        .unwrap_err()
+        .contains("--version `../x`: use letters"));
+    assert!(with(BASE, Some("-rc"), &[]).is_err());
 }

@@ -41,9 +41,10 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
     let cache = dir.join("cache");
     std::fs::create_dir(&cache).unwrap();
     give_to_user(&cache);
-    // With the recipe's offline checks and a boot under SeaBIOS and under OVMF.
-    let first = build(&recipe, &out, &cache, &["--test"]);
-    let name = "debian-13-genericcloud-amd64";
+    // With the recipe's offline checks and a boot under SeaBIOS and under OVMF, and a
+    // version in the names, as Debian's official builds have it.
+    let first = build(&recipe, &out, &cache, &["--test", "--version", "20261207-1"]);
+    let name = "debian-13-genericcloud-amd64-20261207-1";
 
     // Without a terminal, the long bootstrap says how far it is every 30 s, not more often.
     let reports: Vec<(f64, u64)> = first
@@ -71,6 +72,7 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
     files.sort();
     let expected = [
         "SHA256SUMS",
+        "SHA512SUMS",
         "build.log",
         "cdx.json",
         "junit.xml",
@@ -82,7 +84,7 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
     let mut wanted: Vec<String> = expected
         .iter()
         .map(|e| {
-            if *e == "SHA256SUMS" {
+            if e.starts_with("SHA") {
                 e.to_string()
             } else {
                 format!("{name}.{e}")
@@ -91,11 +93,11 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
         .collect();
     wanted.sort();
     assert_eq!(files, wanted);
-    run_ok(
-        Command::new("sha256sum")
-            .args(["--check", "--quiet", "SHA256SUMS"])
-            .current_dir(&out),
-    );
+    for (tool, list) in [("sha256sum", "SHA256SUMS"), ("sha512sum", "SHA512SUMS")] {
+        let listed = std::fs::read_to_string(out.join(list)).unwrap();
+        assert_eq!(listed.lines().count(), wanted.len() - 4, "{list}:\n{listed}");
+        run_ok(Command::new(tool).args(["--check", "--quiet", list]).current_dir(&out));
+    }
     let raw = out.join(format!("{name}.raw"));
     let qcow2_info = run_ok(
         Command::new("qemu-img")
@@ -231,7 +233,7 @@ cat /mnt/etc/fstab";
         "run=0 dev=0",
         "root-kernel-links=0",
         "ID=genericcloud",
-        "VERSION=\"dev\"",
+        "VERSION=\"20261207-1\"",
         "policy-rc-d=absent",
         // The build's apt configuration (its proxy) is not the image's.
         "build-apt-conf=0",
@@ -265,7 +267,7 @@ cat /mnt/etc/fstab";
     let sha256 = || run_ok(Command::new("sha256sum").arg(&raw));
     let before = sha256();
     let checks = |recipe: &str| {
-        let output = imgvm(["test", "--json", "--no-boot", "--checks"])
+        let output = imgvm(["test", "--json", "--no-boot", "--var", "version=20261207-1", "--checks"])
             .arg(recipes(&dir).join(recipe))
             .arg(&raw)
             .output()

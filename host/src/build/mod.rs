@@ -215,7 +215,7 @@ pub async fn build(options: BuildOptions, cancel: CancellationToken) -> Result<R
     }
     let recipe = &options.recipe;
     let started = Instant::now();
-    let name = recipe.image_name();
+    let name = recipe.output_name();
     let (release, epoch) = resolve(&options, true).await?;
     std::fs::create_dir_all(&options.output).with_context(|| format!("creating {}", options.output.display()))?;
     // Outputs are assembled next to where they will end up, then renamed into place.

@@ -109,15 +109,15 @@ pub async fn write(
     }
 
     let mut infos = Vec::new();
-    let mut sums = String::new();
-    for ((file, format), sha256) in files.iter().zip(&recipe.outputs).zip(sha256_all(&files)?) {
+    let mut sums = Sums::default();
+    for ((file, format), digests) in files.iter().zip(&recipe.outputs).zip(digests_all(&files)?) {
         let base = file.file_name().expect("named").to_string_lossy().into_owned();
-        sums.push_str(&format!("{sha256}  {base}\n"));
+        sums.add(&base, &digests);
         infos.push(OutputInfo {
             file: base,
             format: *format,
             bytes: std::fs::metadata(file)?.len(),
-            sha256,
+            sha256: digests.sha256,
         });
     }
     let manifest = Manifest {
@@ -147,17 +147,36 @@ pub async fn write(
     let sbom_path = staging.join(format!("{name}.cdx.json"));
     std::fs::write(&sbom_path, crate::sbom::cyclonedx(name, lock)?)?;
     for file in [manifest_path, lock_path, sbom_path] {
-        sums.push_str(&format!(
-            "{}  {}\n",
-            sha256(&file)?,
-            file.file_name().expect("named").to_string_lossy()
-        ));
+        sums.add(&file.file_name().expect("named").to_string_lossy(), &digests(&file)?);
         files.push(file);
     }
-    let sums_path = staging.join("SHA256SUMS");
-    std::fs::write(&sums_path, sums)?;
-    files.push(sums_path);
+    for (list, text) in [("SHA256SUMS", sums.sha256), ("SHA512SUMS", sums.sha512)] {
+        let path = staging.join(list);
+        std::fs::write(&path, text)?;
+        files.push(path);
+    }
     Ok(files)
+}
+
+/// A file's SHA256 (what imgvm's manifest and lock name) and SHA512 (what Debian
+/// publishes), from one read.
+pub(super) struct Digests {
+    pub sha256: String,
+    pub sha512: String,
+}
+
+/// `sha256sum` and `sha512sum` lists of the outputs, in the order they were added.
+#[derive(Default)]
+struct Sums {
+    sha256: String,
+    sha512: String,
+}
+
+impl Sums {
+    fn add(&mut self, name: &str, digests: &Digests) {
+        self.sha256.push_str(&format!("{}  {name}\n", digests.sha256));
+        self.sha512.push_str(&format!("{}  {name}\n", digests.sha512));
+    }
 }
 
 async fn convert(disk: &Path, out: PathBuf, args: &[&str]) -> Result<PathBuf> {
@@ -185,16 +204,34 @@ pub(super) async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<()> 
     Ok(())
 }
 
-fn sha256(path: &Path) -> Result<String> {
+pub(super) fn digests(path: &Path) -> Result<Digests> {
+    use sha2::{Digest, Sha256, Sha512};
+    use std::io::Read;
     let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(crate::archive::sha256_of(&mut file)?)
+    let (mut sha256, mut sha512) = (Sha256::new(), Sha512::new());
+    let mut buffer = vec![0; 1 << 20];
+    loop {
+        match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                sha256.update(&buffer[..n]);
+                sha512.update(&buffer[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+    Ok(Digests {
+        sha256: crate::archive::hex(&sha256.finalize()),
+        sha512: crate::archive::hex(&sha512.finalize()),
+    })
 }
 
-/// The SHA256 of each of `files`, each on a thread of its own: the raw image alone takes
+/// The digests of each of `files`, each on a thread of its own: the raw image alone takes
 /// seconds, and the others need not wait for it.
-fn sha256_all(files: &[PathBuf]) -> Result<Vec<String>> {
+fn digests_all(files: &[PathBuf]) -> Result<Vec<Digests>> {
     std::thread::scope(|scope| {
-        let hashing: Vec<_> = files.iter().map(|file| scope.spawn(|| sha256(file))).collect();
+        let hashing: Vec<_> = files.iter().map(|file| scope.spawn(|| digests(file))).collect();
         hashing
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
@@ -362,7 +399,8 @@ mod tests {
                 "t-amd64.manifest.json",
                 "t-amd64.lock",
                 "t-amd64.cdx.json",
-                "SHA256SUMS"
+                "SHA256SUMS",
+                "SHA512SUMS"
             ]
         );
         assert!(!disk.exists(), "the working disk became the raw output");
@@ -428,14 +466,16 @@ mod tests {
         assert_eq!(tool("tar", &["-tf", &path("t-amd64.rootfs.tar")]).trim(), "hostname");
 
         // The sums cover every output, the manifest, the lock and the SBOM, and they hold.
-        let sums = std::fs::read_to_string(staging.join("SHA256SUMS")).unwrap();
-        assert_eq!(sums.lines().count(), 9, "{sums}");
-        let check = Command::new("sha256sum")
-            .args(["--check", "--strict", "SHA256SUMS"])
-            .current_dir(&staging)
-            .output()
-            .unwrap();
-        assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+        for (list, tool) in [("SHA256SUMS", "sha256sum"), ("SHA512SUMS", "sha512sum")] {
+            let sums = std::fs::read_to_string(staging.join(list)).unwrap();
+            assert_eq!(sums.lines().count(), 9, "{sums}");
+            let check = Command::new(tool)
+                .args(["--check", "--strict", list])
+                .current_dir(&staging)
+                .output()
+                .unwrap();
+            assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+        }
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(staging.join("t-amd64.manifest.json")).unwrap()).unwrap();
         assert_eq!(manifest["outputs"].as_array().unwrap().len(), 6);

@@ -22,7 +22,32 @@ struct Source {
 
 pub fn load(path: &Path, overrides: &Overrides, trust: Trust) -> Result<Recipe, RecipeError> {
     let mut sources = Vec::new();
-    read_chain(path, &overrides.vars, &mut Vec::new(), &mut sources)?;
+    let mut vars = overrides.vars.clone();
+    if let Some(version) = &overrides.version {
+        let valid = !version.is_empty()
+            && version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._+~-".contains(c))
+            && !version.starts_with(['.', '-']);
+        if !valid {
+            return Err(RecipeError::new(
+                path,
+                0,
+                0,
+                format!("--version `{version}`: use letters, digits, `.`, `_`, `+`, `~` and `-`, not starting with `.` or `-`"),
+            ));
+        }
+        if vars.contains_key("version") {
+            return Err(RecipeError::new(
+                path,
+                0,
+                0,
+                "give --version or --var version=..., not both",
+            ));
+        }
+        vars.insert("version".into(), version.clone());
+    }
+    read_chain(path, &vars, &mut Vec::new(), &mut sources)?;
     let top_path = sources.last().expect("the file itself was read").path.clone();
     let declared: std::collections::BTreeSet<&String> = sources.iter().flat_map(|s| s.body.variables.keys()).collect();
     if let Some(name) = overrides.vars.keys().find(|name| !declared.contains(name)) {
@@ -139,6 +164,7 @@ pub fn load(path: &Path, overrides: &Overrides, trust: Trust) -> Result<Recipe, 
         outputs,
         tests: merged.tests.clone().unwrap_or_default(),
         file: top_path.clone(),
+        version: overrides.version.clone(),
         hash: {
             let mut hasher = Sha256::new();
             for source in &sources {

@@ -34,6 +34,9 @@ pub struct Overrides {
     /// `--mirror`: the image's mirror instead of the recipe's `mirror:` (a `snapshot:`
     /// still serves the build). The user's own choice, so [`Trust`] does not confine it.
     pub mirror: Option<String>,
+    /// `--version`: the build's version, in the output names and in the recipe's
+    /// `version` variable when it declares one.
+    pub version: Option<String>,
 }
 
 /// A recipe with its `extends` chain and per-architecture parts merged in, checked.
@@ -61,14 +64,25 @@ pub struct Recipe {
     pub outputs: Vec<OutputFormat>,
     pub tests: Vec<Test>,
     pub file: PathBuf,
+    /// The build's version (`--version`), as Debian's image names carry it.
+    pub version: Option<String>,
     /// SHA256 over every file of the recipe, for the manifest.
     pub hash: String,
 }
 
 impl Recipe {
-    /// What its outputs are named after: `NAME-ARCH`.
+    /// What it builds, whatever the version: `NAME-ARCH`.
     pub fn image_name(&self) -> String {
         format!("{}-{}", self.name, self.arch)
+    }
+
+    /// What the outputs of a build are named: `NAME-ARCH`, then `-VERSION` if given
+    /// (Debian's `debian-13-genericcloud-amd64-20261128-1`).
+    pub fn output_name(&self) -> String {
+        match &self.version {
+            Some(version) => format!("{}-{version}", self.image_name()),
+            None => self.image_name(),
+        }
     }
 
     /// Where the lock that pins its packages lives: beside it, named as its image.

@@ -293,6 +293,7 @@ mod tests {
             name: format!("package-{i}"),
             version: "1.0-1".into(),
             architecture: "amd64".into(),
+            multi_arch: String::new(),
         };
         Ok(Outcome::Image(ImageReply::ListPackages((0..n).map(package).collect())))
     }
@@ -335,6 +336,7 @@ mod tests {
             name: "x".repeat(MAX_REPLY_LEN),
             version: String::new(),
             architecture: String::new(),
+            multi_arch: String::new(),
         };
         let frames = finish(Ok(Outcome::Image(ImageReply::ListPackages(vec![huge]))));
         assert_eq!(frames.len(), 1);

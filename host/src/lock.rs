@@ -176,6 +176,25 @@ impl Lock {
         json.push(b'\n');
         json
     }
+
+    /// A name-based UUID (version 5 layout, over SHA256) of the lock's content: it names
+    /// what the lock builds, the same from every build of it (the SBOM's serial number,
+    /// the Build manifest's uid).
+    pub fn uuid(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut b = Sha256::digest(self.to_json());
+        b[6] = (b[6] & 0x0f) | 0x50;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        let hex = crate::archive::hex(&b[..16]);
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -510,6 +529,7 @@ pub(crate) mod tests {
             name: name.into(),
             version: version.into(),
             architecture: architecture.into(),
+            multi_arch: String::new(),
         }
     }
 

@@ -15,7 +15,6 @@ use cyclonedx_bom::models::hash::{Hash, HashAlgorithm, HashValue, Hashes};
 use cyclonedx_bom::models::metadata::Metadata;
 use cyclonedx_bom::models::property::{Properties, Property};
 use cyclonedx_bom::models::tool::{Tool, Tools};
-use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SbomError {
@@ -126,21 +125,9 @@ fn distro(suite: &str) -> String {
     }
 }
 
-/// A name-based (version 5 layout) UUID from the lock's content: the same lock gives
-/// the same SBOM.
+/// The lock's UUID: the same lock gives the same SBOM.
 fn serial(lock: &Lock) -> UrnUuid {
-    let mut b = Sha256::digest(lock.to_json());
-    b[6] = (b[6] & 0x0f) | 0x50;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex = crate::archive::hex(&b[..16]);
-    UrnUuid(format!(
-        "urn:uuid:{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    ))
+    UrnUuid(format!("urn:uuid:{}", lock.uuid()))
 }
 
 #[cfg(test)]

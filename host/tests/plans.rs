@@ -71,7 +71,6 @@ fn plans_match_the_golden_files() {
         .collect();
     present.sort();
     expected_files.sort();
+    // (Which arches each recipe builds is tests/recipes.rs's `shipped_recipes_are_valid`.)
     assert_eq!(present, expected_files, "golden plans without a recipe: remove them");
-    // Each Debian recipe builds the arches Debian builds it for.
-    assert_eq!(expected_files.len(), 2 + 3 + 2 + 3 + 3 + 2 + 3, "{expected_files:?}");
 }

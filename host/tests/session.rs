@@ -220,6 +220,7 @@ async fn an_image_operation_gets_its_own_reply_type() {
         name: "base-files".into(),
         version: "13.8".into(),
         architecture: "amd64".into(),
+        multi_arch: "foreign".into(),
     }];
     let reply = Outcome::Image(ImageReply::ListPackages(packages.clone()));
     let cancel = CancellationToken::new();
@@ -265,6 +266,7 @@ fn many_packages(n: usize) -> Vec<imgvm_protocol::Package> {
             name: format!("package-{i}"),
             version: "1.0-1".into(),
             architecture: "amd64".into(),
+            multi_arch: String::new(),
         })
         .collect()
 }

@@ -544,6 +544,12 @@ pub struct Package {
     pub name: String,
     pub version: String,
     pub architecture: String,
+    /// dpkg's `Multi-Arch` field (`same`, `foreign`, `allowed`), empty when it has none:
+    /// Debian's build manifest names a `same` package `name:arch`, since several
+    /// architectures of it can be installed together. Absent in manifests of imgvm
+    /// before it was recorded.
+    #[serde(default)]
+    pub multi_arch: String,
 }
 
 /// One expectation about the finished image, tested without booting it.

@@ -261,6 +261,7 @@ fn replies() -> Vec<ImageReply> {
                 name: s("base-files"),
                 version: s("13.8"),
                 architecture: s("amd64"),
+                multi_arch: s("foreign"),
             }]),
             20 => ImageReply::RunChecks(vec![CheckResult {
                 passed: false,

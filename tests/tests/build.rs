@@ -73,6 +73,7 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
     let expected = [
         "SHA256SUMS",
         "SHA512SUMS",
+        "build.json",
         "build.log",
         "cdx.json",
         "junit.xml",
@@ -80,6 +81,7 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
         "manifest.json",
         "qcow2",
         "raw",
+        "tar",
     ];
     let mut wanted: Vec<String> = expected
         .iter()
@@ -105,6 +107,48 @@ fn amd64_genericcloud_image_is_built_as_the_recipe_says() {
             .arg(out.join(format!("{name}.qcow2"))),
     );
     assert!(qcow2_info.contains("\"format\": \"qcow2\""), "{qcow2_info}");
+
+    // Debian's archive: one sparse member, disk.raw, the whole 3 GiB disk; and its Build
+    // manifest, which names the archive's SHA512 as Debian's tools check it.
+    let tar = out.join(format!("{name}.tar"));
+    let listing = run_ok(Command::new("tar").arg("-tvf").arg(&tar));
+    assert_eq!(listing.lines().count(), 1, "{listing}");
+    assert!(
+        listing.contains(&format!(" {} ", 3u64 << 30)) && listing.trim_end().ends_with(" disk.raw"),
+        "{listing}"
+    );
+    let digest = run_ok(Command::new("sh").arg("-c").arg(format!(
+        "sha512sum {} | cut -d' ' -f1 | tr a-f A-F | basenc --base16 -d | base64 -w0 | tr -d =",
+        tar.display()
+    )));
+    let build_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(format!("{name}.build.json"))).unwrap()).unwrap();
+    assert_eq!(build_json["apiVersion"], "cloud.debian.org/v1alpha1");
+    assert_eq!(
+        build_json["metadata"]["annotations"]["cloud.debian.org/digest"],
+        format!("sha512:{digest}")
+    );
+    let info = &build_json["data"]["info"];
+    for (key, value) in [
+        ("arch", "amd64"),
+        ("release", "trixie"),
+        ("release_id", "13"),
+        ("vendor", "genericcloud"),
+        ("version", "20261207-1"),
+        ("type", "official"),
+    ] {
+        assert_eq!(info[key], value, "{key}: {info}");
+    }
+    let listed: Vec<&str> = build_json["data"]["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        listed.contains(&"libc6:amd64") && listed.contains(&"base-files"),
+        "{listed:?}"
+    );
 
     // Debian's amd64 layout: BIOS boot p14, ESP p15, root p1 last.
     let table: serde_json::Value =

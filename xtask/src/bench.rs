@@ -10,6 +10,11 @@
 //! (the first build's), each from empty disks; the time of each and the SHA256 of every
 //! output, and `imgvm diff --files` of the two when they differ.
 //!
+//! `cargo xtask bench vendors [ARCH] [SUITE]`: the ec2, azure and gce recipes (gce on
+//! amd64 only) built from a cold step cache with `--test` (offline checks, and a boot on
+//! each firmware of the arch), each output checked from outside imgvm to have its
+//! vendor's format and size; the time of each build, its bootstrap and boots.
+//!
 //! `cargo xtask bench rebuild`: the default recipe (renamed, so that the step cache has
 //! nothing of it yet) built cold, then again unchanged, after a change to its last `file`
 //! step, and after a small package added in a late `apt` step; the time of each and the
@@ -25,7 +30,10 @@ pub fn run(args: &[&str]) -> Result<()> {
         Some(&"peak-memory") => peak_memory(&args[1..]),
         Some(&"reproducible") => reproducible(&args[1..]),
         Some(&"rebuild") => rebuild(),
-        _ => bail!("usage: cargo xtask bench build | boot [ARCH[=SUITE]...] | reproducible RECIPE [ARCH] | rebuild"),
+        Some(&"vendors") => vendors(&args[1..]),
+        _ => bail!(
+            "usage: cargo xtask bench build | boot [ARCH[=SUITE]...] | reproducible RECIPE [ARCH] | rebuild | vendors [ARCH] [SUITE]"
+        ),
     }
 }
 
@@ -186,6 +194,153 @@ fn rebuild() -> Result<()> {
         println!("{row}");
     }
     Ok(())
+}
+
+fn vendors(args: &[&str]) -> Result<()> {
+    let (arch, suite) = match args {
+        [] => ("amd64", "trixie"),
+        [arch] => (*arch, "trixie"),
+        [arch, suite] => (*arch, *suite),
+        _ => bail!("usage: cargo xtask bench vendors [ARCH] [SUITE]"),
+    };
+    crate::exec(crate::cargo().args(["build", "--quiet", "--release", "--package", "imgvm"]))?;
+    let bin = crate::agents("release")?.join("imgvm");
+    let base = std::env::temp_dir().join(format!("imgvm-bench-vendors-{}", std::process::id()));
+    let vendors: &[&str] = match arch {
+        "amd64" => &["ec2", "azure", "gce"],
+        _ => &["ec2", "azure"],
+    };
+    let mut rows = Vec::new();
+    for vendor in vendors {
+        let out = base.join(vendor);
+        let started = std::time::Instant::now();
+        let status = Command::new(&bin)
+            .args([
+                "build",
+                "--no-cache",
+                "--test",
+                "--version",
+                "20261207-1",
+                "--arch",
+                arch,
+                "-o",
+            ])
+            .arg(&out)
+            .arg(format!("images/debian/{suite}-{vendor}.yaml"))
+            .status()
+            .context("running imgvm")?;
+        if !status.success() {
+            bail!("the {vendor} build failed ({status}); its log is in {}", out.display());
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let manifest = manifest_in(&out)?;
+        let name = manifest["name"].as_str().context("no name in the manifest")?.to_owned();
+        let file = |ext: &str| out.join(format!("{name}.{ext}"));
+        let build: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file("build.json"))?)?;
+        if build["data"]["info"]["vendor"] != *vendor {
+            bail!("{name}.build.json names vendor {}", build["data"]["info"]["vendor"]);
+        }
+        let format = vendor_format(vendor, &file)?;
+        let step = |name: &str| {
+            manifest["steps"]
+                .as_array()
+                .and_then(|steps| {
+                    steps
+                        .iter()
+                        .find(|s| s["step"].as_str().is_some_and(|s| s.contains(name)))
+                })
+                .and_then(|s| s["seconds"].as_f64())
+                .unwrap_or(f64::NAN)
+        };
+        let checks = manifest["tests"]["checks"].as_array().map_or(0, Vec::len);
+        let boots: Vec<String> = manifest["tests"]["boots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                format!(
+                    "{} {:.1} s",
+                    b["firmware"].as_str().unwrap_or("?"),
+                    b["seconds"].as_f64().unwrap_or(f64::NAN)
+                )
+            })
+            .collect();
+        rows.push(format!(
+            "{seconds:>9.0}  {name}: {format}; bootstrap {:.0} s, {checks} checks passed, booted: {}",
+            step("bootstrap"),
+            boots.join(", ")
+        ));
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    println!("{:>9}  build", "seconds");
+    for row in rows {
+        println!("{row}");
+    }
+    Ok(())
+}
+
+/// Checks the vendor's own output with the tools the vendor's import uses, and says
+/// what it is.
+fn vendor_format(vendor: &str, file: &dyn Fn(&str) -> std::path::PathBuf) -> Result<String> {
+    const GIB: u64 = 1 << 30;
+    let output = |cmd: &mut Command| -> Result<String> {
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let info = |path: &std::path::Path, format: &str| -> Result<serde_json::Value> {
+        let text = output(
+            Command::new("qemu-img")
+                .args(["info", "--output=json", "-f", format])
+                .arg(path),
+        )?;
+        Ok(serde_json::from_str(&text)?)
+    };
+    match vendor {
+        "ec2" => {
+            let vmdk = info(&file("vmdk"), "vmdk")?;
+            let kind = &vmdk["format-specific"]["data"]["create-type"];
+            if kind != "streamOptimized" || vmdk["virtual-size"] != 8 * GIB {
+                bail!("the VMDK is {kind}, {} bytes: {vmdk}", vmdk["virtual-size"]);
+            }
+            Ok("streamOptimized VMDK of 8 GiB".into())
+        }
+        "azure" => {
+            // A fixed VHD: the disk and a 512-byte footer saying so (type 2).
+            let path = file("vhd");
+            let bytes = std::fs::metadata(&path)?.len();
+            let mut tail = [0u8; 512];
+            {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut f = std::fs::File::open(&path)?;
+                f.seek(SeekFrom::End(-512))?;
+                f.read_exact(&mut tail)?;
+            }
+            let virtual_size = info(&path, "vpc")?["virtual-size"].as_u64().unwrap_or(0);
+            if bytes != 30 * GIB + 512 || &tail[..8] != b"conectix" || tail[60..64] != [0, 0, 0, 2] {
+                bail!("the VHD is {bytes} bytes, footer {:?}", &tail[..8]);
+            }
+            if virtual_size != 30 * GIB || virtual_size % (1 << 20) != 0 {
+                bail!("the VHD's virtual size is {virtual_size}");
+            }
+            Ok("fixed VHD of 30 GiB (a whole number of MiB)".into())
+        }
+        "gce" => {
+            let listing = output(Command::new("tar").arg("-tvzf").arg(file("tar.gz")))?;
+            let members: Vec<&str> = listing.lines().collect();
+            if members.len() != 1
+                || !members[0].ends_with(" disk.raw")
+                || !members[0].contains(&format!(" {} ", 10 * GIB))
+            {
+                bail!("the GCE archive holds: {listing}");
+            }
+            Ok("gzipped tar of one sparse disk.raw of 10 GiB".into())
+        }
+        other => bail!("no check for vendor {other}"),
+    }
 }
 
 /// The manifest of the build written into `dir`.

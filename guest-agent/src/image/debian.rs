@@ -312,7 +312,12 @@ fn remove_named(job: &Job, dir: &str, name: &str) -> Result<(), OperationError> 
 impl Handle<ListPackages> for Job<'_> {
     fn handle(&self, _: ListPackages) -> Result<Vec<Package>, OperationError> {
         let job = self;
-        let query = chroot(&["dpkg-query", "-W", "-f", "${Package}\\t${Version}\\t${Architecture}\\n"]);
+        let query = chroot(&[
+            "dpkg-query",
+            "-W",
+            "-f",
+            "${Package}\\t${Version}\\t${Architecture}\\t${Multi-Arch}\\n",
+        ]);
         let out = command::run(job, &query, Input::Null, true)?;
         let text =
             String::from_utf8(out).map_err(|_| job.error(ErrorKind::Io, "dpkg-query printed non-UTF-8".into()))?;
@@ -324,6 +329,7 @@ impl Handle<ListPackages> for Job<'_> {
                     name: f.next()?.into(),
                     version: f.next()?.into(),
                     architecture: f.next()?.into(),
+                    multi_arch: f.next()?.into(),
                 })
             })
             .collect())

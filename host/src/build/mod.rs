@@ -2,6 +2,7 @@
 //! companions (manifest, checksums, log), which appear in the output directory only once
 //! all are complete.
 
+mod debian_build;
 mod format_ids;
 mod outputs;
 mod work_disk;

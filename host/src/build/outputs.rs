@@ -61,31 +61,8 @@ pub async fn write(
                 super::format_ids::vhd(&file, name, lock.source_date_epoch).context("fixing the VHD's footer")?;
                 file
             }
-            // GCE's layout: a gzipped tar holding one sparse member named disk.raw;
-            // dated SOURCE_DATE_EPOCH, owned by root and gzip without a time stamp, so
-            // that the same disk gives the same archive.
-            OutputFormat::GceTar => {
-                let out = staging.join(format!("{name}.tar.gz"));
-                let mtime = format!("--mtime=@{}", lock.source_date_epoch);
-                run(
-                    "tar",
-                    &[
-                        "--format=oldgnu".as_ref(),
-                        mtime.as_ref(),
-                        "--owner=0".as_ref(),
-                        "--group=0".as_ref(),
-                        "--numeric-owner".as_ref(),
-                        "--use-compress-program=gzip -n".as_ref(),
-                        "-Scf".as_ref(),
-                        out.as_os_str(),
-                        "-C".as_ref(),
-                        staging.as_os_str(),
-                        "disk.raw".as_ref(),
-                    ],
-                )
-                .await?;
-                out
-            }
+            OutputFormat::Tar => disk_tar(staging, format!("{name}.tar"), None, lock).await?,
+            OutputFormat::GceTar => disk_tar(staging, format!("{name}.tar.gz"), Some("gzip -n"), lock).await?,
             OutputFormat::Rootfs => {
                 let out = staging.join(format!("{name}.rootfs.tar"));
                 std::fs::rename(staging.join("rootfs.tar"), &out).context("the rootfs tarball is missing")?;
@@ -110,9 +87,13 @@ pub async fn write(
 
     let mut infos = Vec::new();
     let mut sums = Sums::default();
+    let mut tar_sha512 = None;
     for ((file, format), digests) in files.iter().zip(&recipe.outputs).zip(digests_all(&files)?) {
         let base = file.file_name().expect("named").to_string_lossy().into_owned();
         sums.add(&base, &digests);
+        if *format == OutputFormat::Tar {
+            tar_sha512 = Some(digests.sha512.clone());
+        }
         infos.push(OutputInfo {
             file: base,
             format: *format,
@@ -146,7 +127,13 @@ pub async fn write(
     std::fs::write(&lock_path, lock.to_json())?;
     let sbom_path = staging.join(format!("{name}.cdx.json"));
     std::fs::write(&sbom_path, crate::sbom::cyclonedx(name, lock)?)?;
-    for file in [manifest_path, lock_path, sbom_path] {
+    let mut written = vec![manifest_path, lock_path, sbom_path];
+    if let Some(json) = super::debian_build::build_json(recipe, packages, lock, tar_sha512.as_deref()) {
+        let path = staging.join(format!("{name}.build.json"));
+        std::fs::write(&path, json)?;
+        written.push(path);
+    }
+    for file in written {
         sums.add(&file.file_name().expect("named").to_string_lossy(), &digests(&file)?);
         files.push(file);
     }
@@ -162,7 +149,7 @@ pub async fn write(
 /// publishes), from one read.
 pub(super) struct Digests {
     pub sha256: String,
-    pub sha512: String,
+    pub sha512: Vec<u8>,
 }
 
 /// `sha256sum` and `sha512sum` lists of the outputs, in the order they were added.
@@ -175,8 +162,38 @@ struct Sums {
 impl Sums {
     fn add(&mut self, name: &str, digests: &Digests) {
         self.sha256.push_str(&format!("{}  {name}\n", digests.sha256));
-        self.sha512.push_str(&format!("{}  {name}\n", digests.sha512));
+        self.sha512
+            .push_str(&format!("{}  {name}\n", crate::archive::hex(&digests.sha512)));
     }
+}
+
+/// The disk as Debian's image archive and GCE's import format: a tar holding one sparse
+/// member named disk.raw, compressed with `compress` if given. Dated SOURCE_DATE_EPOCH,
+/// owned by root, and gzip without a time stamp, so that the same disk gives the same
+/// archive.
+async fn disk_tar(staging: &Path, file: String, compress: Option<&str>, lock: &crate::lock::Lock) -> Result<PathBuf> {
+    let out = staging.join(file);
+    let mtime = format!("--mtime=@{}", lock.source_date_epoch);
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "--format=oldgnu".as_ref(),
+        mtime.as_ref(),
+        "--owner=0".as_ref(),
+        "--group=0".as_ref(),
+        "--numeric-owner".as_ref(),
+    ];
+    let program = compress.map(|c| format!("--use-compress-program={c}"));
+    if let Some(program) = &program {
+        args.push(program.as_ref());
+    }
+    args.extend([
+        "-Scf".as_ref(),
+        out.as_os_str(),
+        "-C".as_ref(),
+        staging.as_os_str(),
+        "disk.raw".as_ref(),
+    ]);
+    run("tar", &args).await?;
+    Ok(out)
 }
 
 async fn convert(disk: &Path, out: PathBuf, args: &[&str]) -> Result<PathBuf> {
@@ -223,7 +240,7 @@ pub(super) fn digests(path: &Path) -> Result<Digests> {
     }
     Ok(Digests {
         sha256: crate::archive::hex(&sha256.finalize()),
-        sha512: crate::archive::hex(&sha512.finalize()),
+        sha512: sha512.finalize().to_vec(),
     })
 }
 
@@ -262,7 +279,7 @@ mod tests {
         let recipe_path = dir.path().join("r.yaml");
         std::fs::write(
             &recipe_path,
-            "name: t\nsuite: trixie\ndisk:\n  size: 16MiB\n  partitions:\n    - {name: root, type: root, filesystem: ext4, mount: /}\noutputs: [raw, qcow2-compressed, vmdk, vhd, gce-tar]\n",
+            "name: t\nsuite: trixie\ndisk:\n  size: 16MiB\n  partitions:\n    - {name: root, type: root, filesystem: ext4, mount: /}\noutputs: [raw, qcow2-compressed, vmdk, vhd, tar, gce-tar]\nvendor: generic\n",
         )
         .unwrap();
         let recipe = Recipe::load(&recipe_path, Some(crate::arch::Arch::Amd64)).unwrap();
@@ -298,12 +315,13 @@ mod tests {
             .await
             .unwrap();
             let text = std::fs::read_to_string(staging.join("SHA256SUMS")).unwrap();
-            let images: Vec<String> = text
+            let mut images: Vec<String> = text
                 .lines()
                 .filter(|l| !l.ends_with(".json") && !l.ends_with(".lock"))
                 .map(str::to_owned)
                 .collect();
-            assert_eq!(images.len(), 5, "{text}");
+            assert_eq!(images.len(), 6, "{text}");
+            images.push(std::fs::read_to_string(staging.join("t-amd64.build.json")).unwrap());
             sums.push(images);
         }
         assert_eq!(sums[0], sums[1]);
@@ -317,7 +335,7 @@ mod tests {
         let recipe_path = dir.path().join("r.yaml");
         std::fs::write(
             &recipe_path,
-            "name: t\nsuite: trixie\ndisk:\n  size: 64MiB\n  partitions:\n    - {name: esp, type: esp, size: 8MiB, filesystem: vfat, mount: /boot/efi}\n    - {name: root, type: root, filesystem: ext4, mount: /}\noutputs: [raw, qcow2-compressed, vmdk, vhd, gce-tar, rootfs]\n",
+            "name: t\nsuite: trixie\ndisk:\n  size: 64MiB\n  partitions:\n    - {name: esp, type: esp, size: 8MiB, filesystem: vfat, mount: /boot/efi}\n    - {name: root, type: root, filesystem: ext4, mount: /}\noutputs: [raw, qcow2-compressed, vmdk, vhd, tar, gce-tar, rootfs]\nvendor: generic\n",
         )
         .unwrap();
         let recipe = Recipe::load(&recipe_path, Some(crate::arch::Arch::Amd64)).unwrap();
@@ -364,11 +382,20 @@ mod tests {
         )
         .unwrap();
         let mut log = Log::new(std::fs::File::create(dir.path().join("log")).unwrap());
-        let packages = [Package {
-            name: "base-files".into(),
-            version: "13.8".into(),
-            architecture: "amd64".into(),
-        }];
+        let packages = [
+            Package {
+                name: "base-files".into(),
+                version: "13.8".into(),
+                architecture: "amd64".into(),
+                multi_arch: "foreign".into(),
+            },
+            Package {
+                name: "libc6".into(),
+                version: "2.41-12".into(),
+                architecture: "amd64".into(),
+                multi_arch: "same".into(),
+            },
+        ];
         let files = write(
             &recipe,
             "t-amd64",
@@ -394,11 +421,13 @@ mod tests {
                 "t-amd64.qcow2",
                 "t-amd64.vmdk",
                 "t-amd64.vhd",
+                "t-amd64.tar",
                 "t-amd64.tar.gz",
                 "t-amd64.rootfs.tar",
                 "t-amd64.manifest.json",
                 "t-amd64.lock",
                 "t-amd64.cdx.json",
+                "t-amd64.build.json",
                 "SHA256SUMS",
                 "SHA512SUMS"
             ]
@@ -407,7 +436,7 @@ mod tests {
         // What `diff` reads back is what was written.
         let (_, manifest) = Manifest::find(&staging).unwrap();
         assert_eq!(manifest.packages, packages);
-        assert_eq!(manifest.outputs.len(), 6);
+        assert_eq!(manifest.outputs.len(), 7);
         let path = |name: &str| staging.join(name).display().to_string();
         // Named formats: qemu-img cannot tell a fixed VHD (a footer at the end) from raw.
         let info = |name: &str, format: &str| -> serde_json::Value {
@@ -445,30 +474,60 @@ mod tests {
             .filter(|(i, _)| !(64..68).contains(i))
             .fold(0u32, |sum, (_, &b)| sum.wrapping_add(u32::from(b)));
         assert_eq!(footer[64..68], (!sum).to_be_bytes(), "the footer's checksum is wrong");
-        // GCE: a gzipped tar with one member, disk.raw, the whole disk.
-        let listing = tool("tar", &["-tvzf", &path("t-amd64.tar.gz")]);
-        let members: Vec<&str> = listing.lines().collect();
-        assert_eq!(members.len(), 1, "{listing}");
-        assert!(
-            members[0].contains(&format!(" {} ", 64 << 20)) && members[0].ends_with(" disk.raw"),
-            "{listing}"
+        // Debian's archive and GCE's: a tar (gzipped for GCE) with one member, disk.raw,
+        // the whole disk.
+        for (archive, gzip) in [("t-amd64.tar", ""), ("t-amd64.tar.gz", "z")] {
+            let listing = tool("tar", &[&format!("-tv{gzip}f"), &path(archive)]);
+            let members: Vec<&str> = listing.lines().collect();
+            assert_eq!(members.len(), 1, "{listing}");
+            assert!(
+                members[0].contains(&format!(" {} ", 64 << 20)) && members[0].ends_with(" disk.raw"),
+                "{listing}"
+            );
+            let unpacked = dir.path().join(archive);
+            std::fs::create_dir(&unpacked).unwrap();
+            tool(
+                "tar",
+                &[&format!("-x{gzip}f"), &path(archive), "-C", unpacked.to_str().unwrap()],
+            );
+            tool(
+                "cmp",
+                &[&path("t-amd64.raw"), unpacked.join("disk.raw").to_str().unwrap()],
+            );
+        }
+        // Debian's Build manifest: the tar's digest as Debian's tools check it, and a
+        // Multi-Arch: same package by its architecture too.
+        let build: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(staging.join("t-amd64.build.json")).unwrap()).unwrap();
+        assert_eq!(build["apiVersion"], "cloud.debian.org/v1alpha1");
+        assert_eq!(build["kind"], "Build");
+        let sha512 = tool("sha512sum", &[&path("t-amd64.tar")]);
+        let raw: Vec<u8> = (0..64)
+            .map(|i| u8::from_str_radix(&sha512[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let digest = base64::Engine::encode(&base64::engine::general_purpose::STANDARD_NO_PAD, raw);
+        assert_eq!(
+            build["metadata"]["annotations"]["cloud.debian.org/digest"],
+            format!("sha512:{digest}")
         );
-        let unpacked = dir.path().join("gce");
-        std::fs::create_dir(&unpacked).unwrap();
-        tool(
-            "tar",
-            &["-xzf", &path("t-amd64.tar.gz"), "-C", unpacked.to_str().unwrap()],
+        assert_eq!(
+            build["data"]["packages"],
+            serde_json::json!([
+                {"name": "base-files", "version": "13.8"},
+                {"name": "libc6:amd64", "version": "2.41-12"}
+            ])
         );
-        tool(
-            "cmp",
-            &[&path("t-amd64.raw"), unpacked.join("disk.raw").to_str().unwrap()],
+        let info = &build["data"]["info"];
+        assert_eq!(
+            (&info["release_id"], &info["vendor"], &info["type"], &info["arch"]),
+            (&"13".into(), &"generic".into(), &"dev".into(), &"amd64".into())
         );
         assert_eq!(tool("tar", &["-tf", &path("t-amd64.rootfs.tar")]).trim(), "hostname");
 
         // The sums cover every output, the manifest, the lock and the SBOM, and they hold.
         for (list, tool) in [("SHA256SUMS", "sha256sum"), ("SHA512SUMS", "sha512sum")] {
             let sums = std::fs::read_to_string(staging.join(list)).unwrap();
-            assert_eq!(sums.lines().count(), 9, "{sums}");
+            assert_eq!(sums.lines().count(), 11, "{sums}");
             let check = Command::new(tool)
                 .args(["--check", "--strict", list])
                 .current_dir(&staging)
@@ -478,7 +537,7 @@ mod tests {
         }
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(staging.join("t-amd64.manifest.json")).unwrap()).unwrap();
-        assert_eq!(manifest["outputs"].as_array().unwrap().len(), 6);
+        assert_eq!(manifest["outputs"].as_array().unwrap().len(), 7);
         assert_eq!(manifest["outputs"][3]["format"], "vhd");
         assert_eq!(manifest["packages"][0]["name"], "base-files");
         assert_eq!(manifest["recipe"]["sha256"], recipe.hash.as_str());

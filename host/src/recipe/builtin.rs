@@ -21,6 +21,10 @@ const FILES: &[(&str, &str)] = &[
         "parts/nocloud.yaml",
         include_str!("../../../images/debian/parts/nocloud.yaml"),
     ),
+    (
+        "parts/netplan.yaml",
+        include_str!("../../../images/debian/parts/netplan.yaml"),
+    ),
 ];
 
 /// Writes the built-in recipes to a temporary directory, which the caller keeps for as

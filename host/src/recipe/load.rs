@@ -136,6 +136,13 @@ pub fn load(path: &Path, overrides: &Overrides, trust: Trust) -> Result<Recipe, 
     if !matches!(steps.last(), Some(Step::Finalize(_))) {
         steps.push(Step::Finalize(Finalize { trim: true }));
     }
+    // GRUB is installed after every other step, so that its configuration from any
+    // step (a vendor part's, or per_arch's, which come after the parts) is in grub.cfg.
+    if let Some(at) = steps.iter().position(|s| matches!(s, Step::Bootloader(_))) {
+        let bootloader = steps.remove(at);
+        let finalize = steps.len() - 1;
+        steps.insert(finalize, bootloader);
+    }
     let outputs = merged.outputs.clone().unwrap_or_else(|| vec![OutputFormat::Raw]);
     let declared = overrides
         .mirror
@@ -150,6 +157,7 @@ pub fn load(path: &Path, overrides: &Overrides, trust: Trust) -> Result<Recipe, 
     let mut recipe = Recipe {
         name,
         description: merged.description.clone(),
+        vendor: merged.vendor.clone(),
         arch,
         suite,
         mirror,
@@ -344,6 +352,7 @@ fn merge(into: &mut Body, from: Body) {
     take!(
         name,
         description,
+        vendor,
         arch,
         arches,
         suite,

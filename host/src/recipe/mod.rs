@@ -44,6 +44,8 @@ pub struct Overrides {
 pub struct Recipe {
     pub name: String,
     pub description: Option<String>,
+    /// debian-cloud-images' vendor name, when the recipe gives one (`NAME.build.json`).
+    pub vendor: Option<String>,
     pub arch: Arch,
     pub suite: String,
     /// The mirror packages come from (the snapshot archive with `snapshot:`).

@@ -23,6 +23,9 @@ pub struct Body {
     pub per_arch: BTreeMap<Arch, Body>,
     pub name: Option<String>,
     pub description: Option<String>,
+    /// The cloud the image is for, as debian-cloud-images names it (`generic`, `ec2`,
+    /// ...): with it, a build also writes `NAME.build.json`, Debian's Build manifest.
+    pub vendor: Option<String>,
     /// The architecture built when `--arch` is not given.
     pub arch: Option<Arch>,
     /// The architectures this recipe can build.
@@ -115,6 +118,8 @@ pub enum OutputFormat {
     Qcow2Compressed,
     Vmdk,
     Vhd,
+    /// Debian's own image archive, `NAME.tar`: what its publishing tools take.
+    Tar,
     GceTar,
     Rootfs,
 }

@@ -153,6 +153,18 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
         );
     }
 
+    if let Some(vendor) = &recipe.vendor {
+        let valid = !vendor.is_empty()
+            && vendor
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            return fail(
+                "vendor:",
+                format!("vendor `{vendor}`: use lowercase letters, digits and `-`, as Debian's vendor names do"),
+            );
+        }
+    }
     let last = recipe.steps.len() - 1;
     let mut outputs = BTreeSet::new();
     for format in &recipe.outputs {
@@ -185,6 +197,12 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
         match step {
             Step::Bootstrap(_) if i != 0 => return fail(&needle, format!("{what}: bootstrap must be the first step")),
             Step::Finalize(_) if i != last => return fail(&needle, format!("{what}: finalize must be the last step")),
+            Step::Bootloader(_) if i + 1 != last => {
+                return fail(
+                    &needle,
+                    format!("{what}: a second bootloader step; GRUB's settings have one owner, the recipe's one bootloader step"),
+                )
+            }
             Step::Copy(copy) => {
                 let source = recipe.dir().join(&copy.from);
                 if !source.exists() {

@@ -201,7 +201,7 @@ impl Spec {
         if let Some(pin) = pin {
             check_pin(pin, &built_from)?;
         }
-        let debs = download_all(&archive, &all)?;
+        let debs = download_all(&archive, &all, arch)?;
 
         tracing::info!("assembling the {arch} appliance from {} packages", packages.len());
         let mut tree = Tree::default();
@@ -390,16 +390,39 @@ fn kernel_image_package<'a>(index: &'a archive::PackageIndex, meta: &str) -> Res
     bail!("cannot find the kernel image package behind {meta}")
 }
 
-fn download_all(archive: &Archive, packages: &[&Package]) -> Result<BTreeMap<String, PathBuf>> {
+/// The .deb of each of `packages`. A mirror that lacks some its signed index lists gets
+/// one error naming all of them, and the ways out: a whole suite's helper fails on the
+/// first missing file otherwise, and the user learns of the next one a retry later.
+fn download_all(archive: &Archive, packages: &[&Package], arch: Arch) -> Result<BTreeMap<String, PathBuf>> {
     let total: u64 = packages.iter().map(|p| p.size).sum();
     let bar = progress::bytes_bar(total, "fetching packages");
-    let debs = archive::in_parallel(packages, 4, |package| {
-        let deb = archive.deb(package)?;
+    let fetched = archive::in_parallel(packages, 4, |package| {
+        let deb = archive.deb(package);
         bar.inc(package.size);
-        anyhow::Ok((package.name.clone(), deb))
+        match deb {
+            Ok(deb) => Ok(Ok((package.name.clone(), deb))),
+            Err(e) if archive::missing(&e) => Ok(Err(format!("{} {}", package.name, package.version))),
+            Err(e) => Err(e),
+        }
     });
     bar.finish_and_clear();
-    let debs = debs?;
+    let (debs, mut missing): (Vec<_>, Vec<_>) = fetched?.into_iter().partition(Result::is_ok);
+    if !missing.is_empty() {
+        let mut names: Vec<String> = missing.drain(..).filter_map(Result::err).collect();
+        names.sort();
+        bail!(
+            "the mirror {} lacks {} of the {} {arch} helper's packages that its signed index \
+             lists: {}. It is incomplete or being synced: try again later, take the helper's \
+             packages from another mirror (--helper-mirror URL), or assemble the helper from a \
+             suite this mirror has in full (--helper-suite SUITE, e.g. bookworm, or \
+             IMGVM_SUITE=SUITE; the image's own suite stays the recipe's)",
+            archive.mirror(),
+            names.len(),
+            archive.suite(),
+            names.join(", ")
+        );
+    }
+    let debs: Vec<(String, PathBuf)> = debs.into_iter().filter_map(Result::ok).collect();
     let stats = archive.fetcher().stats();
     tracing::info!(
         "{} packages ({} MB) needed, {} files ({} MB) downloaded",
@@ -525,4 +548,57 @@ fn add_system_files(tree: &mut Tree) {
             data: b"imgvm\n".to_vec(),
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn package(name: &str) -> Package {
+        Package {
+            name: name.into(),
+            version: "1.0-1".into(),
+            architecture: "ppc64el".into(),
+            filename: format!("pool/main/{name}_1.0-1_ppc64el.deb"),
+            size: 3,
+            sha256: crate::archive::hex(&<sha2::Sha256 as sha2::Digest>::digest(name)),
+            source: name.into(),
+            source_version: "1.0-1".into(),
+            essential: false,
+            depends: Vec::new(),
+            provides: Vec::new(),
+        }
+    }
+
+    /// A mirror that lacks files its signed index lists (as ours lacks some of trixie's
+    /// newest ppc64el packages): the error names every missing package, not the first
+    /// one, and says how to build with a helper from another suite.
+    #[test]
+    fn an_incomplete_mirror_names_every_missing_package_and_the_way_out() {
+        let base = crate::test_http::serve(|path| {
+            if path.ends_with("/present_1.0-1_ppc64el.deb") {
+                crate::test_http::ok("present")
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+            }
+        });
+        let store = tempfile::tempdir().unwrap();
+        let fetcher = crate::archive::Fetcher::new(std::time::Duration::ZERO);
+        let archive = Archive::new(&base, "trixie", store.path(), fetcher);
+        let present = Package {
+            sha256: crate::archive::hex(&<sha2::Sha256 as sha2::Digest>::digest("present")),
+            size: 7,
+            ..package("present")
+        };
+        let (a, b) = (package("libfoo1"), package("e2fsprogs"));
+        let err = download_all(&archive, &[&present, &a, &b], Arch::Ppc64el).unwrap_err();
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("lacks 2 of the trixie ppc64el helper's packages")
+                && message.contains("e2fsprogs 1.0-1, libfoo1 1.0-1")
+                && message.contains("--helper-suite"),
+            "{message}"
+        );
+        assert!(!message.contains("present"), "{message}");
+    }
 }

@@ -137,7 +137,7 @@ impl Fetcher {
             Ok(())
         });
         match result {
-            Err(e) if matches!(e.root_cause().downcast_ref::<Status>(), Some(Status(404))) => Err(e.context(format!(
+            Err(e) if missing(&e) => Err(e.context(format!(
                 "the mirror does not serve {url} although its signed index lists it \
                  (an incomplete mirror or one being synced): try again later or use another mirror"
             ))),
@@ -151,7 +151,7 @@ impl Fetcher {
         let result = self.retry(url, false, || self.request(url, Method::Head).map(drop));
         match result {
             Ok(()) => Ok(true),
-            Err(e) if matches!(e.root_cause().downcast_ref::<Status>(), Some(Status(404 | 410))) => Ok(false),
+            Err(e) if missing(&e) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -222,6 +222,11 @@ enum Method {
 #[derive(Debug, thiserror::Error)]
 #[error("HTTP status {0}")]
 pub struct Status(pub u16);
+
+/// Whether `e` is the mirror saying it has no such file (404 or 410).
+pub fn missing(e: &anyhow::Error) -> bool {
+    matches!(e.root_cause().downcast_ref::<Status>(), Some(Status(404 | 410)))
+}
 
 /// Size or hash differs from the signed index: typically a mirror caught mid-sync.
 #[derive(Debug, thiserror::Error)]

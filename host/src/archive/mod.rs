@@ -9,7 +9,7 @@ mod packages;
 mod release;
 
 pub use deb::extract_data;
-pub use fetch::{hex, sha256_of, Fetcher, Stats, Status};
+pub use fetch::{hex, missing, sha256_of, Fetcher, Stats, Status};
 pub use packages::{Package, PackageIndex};
 pub use release::{parse_date, Freshness, Release, KEYRING};
 
@@ -40,6 +40,14 @@ impl Archive {
 
     pub fn fetcher(&self) -> &Fetcher {
         &self.fetcher
+    }
+
+    pub fn mirror(&self) -> &str {
+        &self.mirror
+    }
+
+    pub fn suite(&self) -> &str {
+        &self.suite
     }
 
     /// The verified package index of `main` for `arch` (which includes `Architecture: all`),

@@ -67,7 +67,8 @@ enum Cmd {
     },
     /// Build an image from a recipe (default: Debian stable nocloud for this machine).
     Build(BuildArgs),
-    /// Boot a built image on its firmware and check that it comes up.
+    /// Boot a built image on its firmware and check that it comes up; with `--checks RECIPE`,
+    /// run that recipe's offline checks on it first, read-only.
     Test(TestArgs),
     /// Boot a built image on its firmware with its serial console on this terminal
     /// (Ctrl-] powers it off, twice stops it at once; a reboot ends it too).

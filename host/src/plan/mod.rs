@@ -504,7 +504,7 @@ pub fn checks(recipe: &Recipe) -> Vec<NamedCheck> {
 
 /// One expectation per field given, each named for the report; none given means that
 /// the path exists.
-fn file_expectations(f: &recipe::FileTest) -> Vec<(&'static str, proto::FileExpect)> {
+pub(crate) fn file_expectations(f: &recipe::FileTest) -> Vec<(&'static str, proto::FileExpect)> {
     use proto::FileExpect as E;
     let kind = f.kind.map(|k| match k {
         recipe::FileKind::File => proto::FileKind::File,
@@ -530,7 +530,7 @@ fn file_expectations(f: &recipe::FileTest) -> Vec<(&'static str, proto::FileExpe
     }
 }
 
-fn account_expectations(a: &recipe::AccountsTest) -> Vec<(&'static str, proto::AccountExpect)> {
+pub(crate) fn account_expectations(a: &recipe::AccountsTest) -> Vec<(&'static str, proto::AccountExpect)> {
     use proto::AccountExpect as E;
     let rules = [
         (!a.required.is_empty()).then(|| ("exist", E::Present(a.required.clone()))),

@@ -248,15 +248,8 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
                         format!("{what}: path `{}` is not an absolute path without `..`", f.path),
                     );
                 }
-                let others = f.empty
-                    || f.contains.is_some()
-                    || f.matches.is_some()
-                    || f.mode.is_some()
-                    || f.owner.is_some()
-                    || f.kind.is_some()
-                    || f.content.is_some()
-                    || f.only.is_some()
-                    || f.optional;
+                // What the plan would check: `absent` alone, or not at all.
+                let others = crate::plan::file_expectations(f).len() > 1 || f.optional;
                 if f.absent && others {
                     return fail(
                         &f.path,
@@ -279,13 +272,7 @@ pub fn check(recipe: &Recipe, locate: &dyn Fn(&str) -> (std::path::PathBuf, usiz
                     format!("{what}: groups have no shells (`shells` is for `users`)"),
                 );
             }
-            Test::Users(a) | Test::Groups(a)
-                if a.required.is_empty()
-                    && a.names.is_empty()
-                    && a.prefixes.is_empty()
-                    && a.ids.is_none()
-                    && a.shells.is_empty() =>
-            {
+            Test::Users(a) | Test::Groups(a) if crate::plan::account_expectations(a).is_empty() => {
                 let needle = if matches!(test, Test::Users(_)) {
                     "users:"
                 } else {

@@ -10,8 +10,8 @@
 //! (the first build's), each from empty disks; the time of each and the SHA256 of every
 //! output, and `imgvm diff --files` of the two when they differ.
 //!
-//! `cargo xtask bench vendors [ARCH] [SUITE]`: the ec2, azure and gce recipes (gce on
-//! amd64 only) built from a cold step cache with `--test` (offline checks, and a boot on
+//! `cargo xtask bench vendors [ARCH] [SUITE] [VENDOR...]`: the ec2, azure and gce
+//! recipes (gce on amd64 only), or the vendors named, built from a cold step cache with `--test` (offline checks, and a boot on
 //! each firmware of the arch), each output checked from outside imgvm to have its
 //! vendor's format and size; the time of each build, its bootstrap and boots.
 //!
@@ -32,7 +32,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         Some(&"rebuild") => rebuild(),
         Some(&"vendors") => vendors(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask bench build | boot [ARCH[=SUITE]...] | reproducible RECIPE [ARCH] | rebuild | vendors [ARCH] [SUITE]"
+            "usage: cargo xtask bench build | boot [ARCH[=SUITE]...] | reproducible RECIPE [ARCH] | rebuild | vendors [ARCH] [SUITE] [VENDOR...]"
         ),
     }
 }
@@ -197,17 +197,14 @@ fn rebuild() -> Result<()> {
 }
 
 fn vendors(args: &[&str]) -> Result<()> {
-    let (arch, suite) = match args {
-        [] => ("amd64", "trixie"),
-        [arch] => (*arch, "trixie"),
-        [arch, suite] => (*arch, *suite),
-        _ => bail!("usage: cargo xtask bench vendors [ARCH] [SUITE]"),
-    };
+    let arch = args.first().copied().unwrap_or("amd64");
+    let suite = args.get(1).copied().unwrap_or("trixie");
     crate::exec(crate::cargo().args(["build", "--quiet", "--release", "--package", "imgvm"]))?;
     let bin = crate::agents("release")?.join("imgvm");
     let base = std::env::temp_dir().join(format!("imgvm-bench-vendors-{}", std::process::id()));
-    let vendors: &[&str] = match arch {
-        "amd64" => &["ec2", "azure", "gce"],
+    let vendors: &[&str] = match (args.get(2..), arch) {
+        (Some(named), _) if !named.is_empty() => named,
+        (_, "amd64") => &["ec2", "azure", "gce"],
         _ => &["ec2", "azure"],
     };
     let mut rows = Vec::new();

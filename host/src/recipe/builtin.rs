@@ -25,6 +25,10 @@ const FILES: &[(&str, &str)] = &[
         "parts/netplan.yaml",
         include_str!("../../../images/debian/parts/netplan.yaml"),
     ),
+    (
+        "parts/time-systemd.yaml",
+        include_str!("../../../images/debian/parts/time-systemd.yaml"),
+    ),
 ];
 
 /// Writes the built-in recipes to a temporary directory, which the caller keeps for as
@@ -37,4 +41,24 @@ pub fn materialize() -> std::io::Result<tempfile::TempDir> {
         std::fs::write(path, text)?;
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::arch::Arch;
+    use crate::recipe::Recipe;
+
+    /// The compiled-in default is images/debian's, with every part it extends: a part
+    /// missing from [`super::FILES`] would make `imgvm build` without a recipe fail.
+    #[test]
+    fn the_builtin_default_is_the_shipped_recipe() {
+        let dir = super::materialize().unwrap();
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/debian");
+        for arch in Arch::ALL {
+            let builtin = Recipe::load(&dir.path().join(super::DEFAULT), Some(arch)).unwrap();
+            let file = Recipe::load(&shipped.join(super::DEFAULT), Some(arch)).unwrap();
+            let json = |r: &Recipe| serde_json::to_value((&r.packages, &r.steps, &r.tests, &r.outputs)).unwrap();
+            assert_eq!(json(&builtin), json(&file), "{arch}");
+        }
+    }
 }

@@ -878,7 +878,8 @@ async fn test(args: TestArgs) -> Result<u8> {
         (false, Some(f)) => vec![f],
         (false, None) => boottest::firmware::defaults(arch),
     };
-    let checks = match &args.checks {
+    // The recipe's checks, and the units its boot test allows to fail.
+    let (checks, may_fail) = match &args.checks {
         Some(path) => {
             let overrides = imgvm::recipe::Overrides {
                 arch: Some(arch),
@@ -887,9 +888,9 @@ async fn test(args: TestArgs) -> Result<u8> {
                 version: None,
             };
             let recipe = imgvm::recipe::Recipe::load_with(path, &overrides, imgvm::recipe::Trust::Confined)?;
-            imgvm::plan::checks(&recipe)
+            (imgvm::plan::checks(&recipe), recipe.boot_test.may_fail)
         }
-        None => Vec::new(),
+        None => (Vec::new(), Vec::new()),
     };
     let Some((table, partitions)) = &info.layout else {
         anyhow::bail!(
@@ -927,6 +928,7 @@ async fn test(args: TestArgs) -> Result<u8> {
             timeout: Duration::from_secs(args.timeout),
             memory_mib: args.memory,
             cpus: args.cpus.unwrap_or_else(imgvm::helper::default_cpus),
+            may_fail: may_fail.clone(),
         };
         let name = boottest::firmware::name(arch, firmware);
         tracing::info!("booting {} ({arch}) with {name}", args.image.display());

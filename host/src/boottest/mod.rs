@@ -33,6 +33,8 @@ pub struct BootOptions {
     pub timeout: Duration,
     pub memory_mib: u32,
     pub cpus: u32,
+    /// Units whose failure does not fail the boot (the recipe's `boot_test.may_fail`).
+    pub may_fail: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -207,12 +209,7 @@ async fn boot_with(
                 }
                 if let Some(report) = probe.report(&console) {
                     let _ = child.kill().await;
-                    let passed = report.failed.is_empty() && report.state == "running";
-                    let message = match (passed, report.failed.is_empty()) {
-                        (true, _) => "the system started with no failed unit".to_owned(),
-                        (false, false) => format!("failed units: {}", report.failed.join(", ")),
-                        (false, true) => format!("the system started as `{}`", report.state),
-                    };
+                    let (passed, message) = judge(&report, &options.may_fail);
                     return Ok(BootResult {
                         firmware: firmware::name(arch, options.firmware),
                         passed,
@@ -268,4 +265,48 @@ impl BootResult {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Whether a boot that reported `report` passed, and what to say: no unit may fail but
+/// those in `may_fail`.
+fn judge(report: &probe::Report, may_fail: &[String]) -> (bool, String) {
+    let (allowed, failed): (Vec<&String>, Vec<&String>) = report.failed.iter().partition(|u| may_fail.contains(u));
+    let names = |units: &[&String]| units.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", ");
+    // systemd says `degraded` when any unit failed, allowed ones too.
+    let state_ok = report.state == "running" || (report.state == "degraded" && !allowed.is_empty());
+    let passed = failed.is_empty() && state_ok;
+    let message = match (passed, failed.is_empty()) {
+        (true, _) if allowed.is_empty() => "the system started with no failed unit".to_owned(),
+        (true, _) => format!(
+            "the system started; failed only as the recipe allows outside its cloud: {}",
+            names(&allowed)
+        ),
+        (false, false) => format!("failed units: {}", names(&failed)),
+        (false, true) => format!("the system started as `{}`", report.state),
+    };
+    (passed, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_units_the_recipe_names_may_fail() {
+        let report = |state: &str, failed: &[&str]| probe::Report {
+            state: state.into(),
+            failed: failed.iter().map(|u| u.to_string()).collect(),
+        };
+        let may_fail = ["chrony.service".to_owned()];
+        assert!(judge(&report("running", &[]), &may_fail).0);
+        let (passed, message) = judge(&report("degraded", &["chrony.service"]), &may_fail);
+        assert!(
+            passed && message.ends_with("outside its cloud: chrony.service"),
+            "{message}"
+        );
+        let (passed, message) = judge(&report("degraded", &["chrony.service", "ssh.service"]), &may_fail);
+        assert!(!passed && message == "failed units: ssh.service", "{message}");
+        assert!(!judge(&report("degraded", &["chrony.service"]), &[]).0);
+        assert!(!judge(&report("degraded", &[]), &may_fail).0);
+    }
 }

@@ -428,6 +428,7 @@ async fn boot_tests(
             timeout: Duration::from_secs(900),
             memory_mib: 1024,
             cpus: options.cpus.unwrap_or_else(crate::helper::default_cpus),
+            may_fail: recipe.boot_test.may_fail.clone(),
         };
         let result = crate::boottest::boot(&boot, &probe, cancel).await;
         spinner.finish_and_clear();

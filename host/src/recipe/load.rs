@@ -171,6 +171,7 @@ pub fn load(path: &Path, overrides: &Overrides, trust: Trust) -> Result<Recipe, 
         steps,
         outputs,
         tests: merged.tests.clone().unwrap_or_default(),
+        boot_test: merged.boot_test.clone().unwrap_or_default(),
         file: top_path.clone(),
         version: overrides.version.clone(),
         hash: {
@@ -360,7 +361,8 @@ fn merge(into: &mut Body, from: Body) {
         snapshot,
         components,
         outputs,
-        step_timeout
+        step_timeout,
+        boot_test
     );
     if let Some(disk) = from.disk {
         let target = into.disk.get_or_insert_with(DiskBody::default);

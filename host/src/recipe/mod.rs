@@ -65,6 +65,7 @@ pub struct Recipe {
     pub steps: Vec<Step>,
     pub outputs: Vec<OutputFormat>,
     pub tests: Vec<Test>,
+    pub boot_test: BootTest,
     pub file: PathBuf,
     /// The build's version (`--version`), as Debian's image names carry it.
     pub version: Option<String>,

@@ -182,18 +182,8 @@ impl Lock {
     /// the Build manifest's uid).
     pub fn uuid(&self) -> String {
         use sha2::{Digest, Sha256};
-        let mut b = Sha256::digest(self.to_json());
-        b[6] = (b[6] & 0x0f) | 0x50;
-        b[8] = (b[8] & 0x3f) | 0x80;
-        let hex = crate::archive::hex(&b[..16]);
-        format!(
-            "{}-{}-{}-{}-{}",
-            &hex[..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        )
+        let digest = Sha256::digest(self.to_json());
+        crate::plan::uuid_text(digest[..16].try_into().expect("a SHA256 has 32 bytes"), 5)
     }
 }
 

@@ -36,18 +36,7 @@ impl Identity {
     /// A UUID for `what` (`partition root`, `filesystem root`): RFC 9562 version 8, the
     /// version for UUIDs made by a scheme of one's own.
     pub fn uuid(&self, what: &str) -> String {
-        let mut b = self.bytes(what);
-        b[6] = (b[6] & 0x0f) | 0x80;
-        b[8] = (b[8] & 0x3f) | 0x80;
-        let hex: String = b.iter().map(|b| format!("{b:02x}")).collect();
-        format!(
-            "{}-{}-{}-{}-{}",
-            &hex[..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..]
-        )
+        uuid_text(self.bytes(what), 8)
     }
 
     /// A vfat volume id (`ABCD-1234`).
@@ -61,6 +50,21 @@ impl Identity {
         let b = self.bytes("disk");
         format!("0x{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
     }
+}
+
+/// `bytes` as a UUID of `version` (RFC 9562 variant), in its usual text form.
+pub(crate) fn uuid_text(mut b: [u8; 16], version: u8) -> String {
+    b[6] = (b[6] & 0x0f) | (version << 4);
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod layout;
 
 use crate::arch::Arch;
 use crate::recipe::{self, Filesystem, FstabKey, HostSource, PartitionKind, Recipe, Step, TableKind, Timeout};
+pub(crate) use identity::uuid_text;
 use identity::Identity;
 use imgvm_protocol::{self as proto, ImageOp};
 use layout::{device, device_of, numbered, partition_specs, DISK, SEALED};

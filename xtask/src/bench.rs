@@ -207,7 +207,7 @@ fn vendors(args: &[&str]) -> Result<()> {
         (_, "amd64") => &["ec2", "azure", "gce"],
         _ => &["ec2", "azure"],
     };
-    let mut rows = Vec::new();
+    println!("{:>9}  build", "seconds");
     for vendor in vendors {
         let out = base.join(vendor);
         let started = std::time::Instant::now();
@@ -262,18 +262,14 @@ fn vendors(args: &[&str]) -> Result<()> {
                 )
             })
             .collect();
-        rows.push(format!(
+        println!(
             "{seconds:>9.0}  {name}: {format}; bootstrap {:.0} s, {checks} checks passed, booted: {}",
             step("bootstrap"),
             boots.join(", ")
-        ));
+        );
         let _ = std::fs::remove_dir_all(&out);
     }
     let _ = std::fs::remove_dir_all(&base);
-    println!("{:>9}  build", "seconds");
-    for row in rows {
-        println!("{row}");
-    }
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! console, with a NoCloud seed for cloud-init, where the image has it. What boots is a
 //! [`Probe`]: an overlay of the image whose report unit prints a marker once systemd has
 //! started everything it was going to. Passing means the marker appeared and no unit
-//! failed; failing names the failed units, or says how far the boot got.
+//! failed or was left starting; failing names those units, or says how far the boot got.
 //!
 //! The image is never written: the overlay is thrown away, and each boot attaches it as
 //! a snapshot.
@@ -33,7 +33,8 @@ pub struct BootOptions {
     pub timeout: Duration,
     pub memory_mib: u32,
     pub cpus: u32,
-    /// Units whose failure does not fail the boot (the recipe's `boot_test.may_fail`).
+    /// Units that may fail or never finish starting without failing the boot (the
+    /// recipe's `boot_test.may_fail`).
     pub may_fail: Vec<String>,
 }
 
@@ -267,24 +268,49 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Whether a boot that reported `report` passed, and what to say: no unit may fail but
-/// those in `may_fail`.
+/// Whether a boot that reported `report` passed, and what to say: no unit may fail or
+/// still be starting when the report gave up waiting, but those in `may_fail`.
 fn judge(report: &probe::Report, may_fail: &[String]) -> (bool, String) {
-    let (allowed, failed): (Vec<&String>, Vec<&String>) = report.failed.iter().partition(|u| may_fail.contains(u));
-    let names = |units: &[&String]| units.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", ");
-    // systemd says `degraded` when any unit failed, allowed ones too.
-    let state_ok = report.state == "running" || (report.state == "degraded" && !allowed.is_empty());
-    let passed = failed.is_empty() && state_ok;
-    let message = match (passed, failed.is_empty()) {
-        (true, _) if allowed.is_empty() => "the system started with no failed unit".to_owned(),
-        (true, _) => format!(
-            "the system started; failed only as the recipe allows outside its cloud: {}",
-            names(&allowed)
-        ),
-        (false, false) => format!("failed units: {}", names(&failed)),
-        (false, true) => format!("the system started as `{}`", report.state),
+    let allowed =
+        |units: &[String]| -> (Vec<String>, Vec<String>) { units.iter().cloned().partition(|u| may_fail.contains(u)) };
+    let (failed_allowed, failed) = allowed(&report.failed);
+    let (stuck_allowed, stuck) = allowed(&report.stuck);
+    // systemd says `degraded` when any unit failed, allowed ones too, and `starting`
+    // while any start job runs.
+    let state_ok = match report.state.as_str() {
+        "running" => true,
+        "degraded" => !failed_allowed.is_empty(),
+        "starting" => !stuck_allowed.is_empty(),
+        _ => false,
     };
-    (passed, message)
+    let mut problems = Vec::new();
+    if !failed.is_empty() {
+        problems.push(format!("failed units: {}", failed.join(", ")));
+    }
+    if !stuck.is_empty() {
+        problems.push(format!("units that never finished starting: {}", stuck.join(", ")));
+    }
+    if problems.is_empty() && !state_ok {
+        problems.push(format!("the system started as `{}`", report.state));
+    }
+    if !problems.is_empty() {
+        return (false, problems.join("; "));
+    }
+    let allowed: Vec<String> = failed_allowed
+        .iter()
+        .map(|u| format!("{u} (failed)"))
+        .chain(stuck_allowed.iter().map(|u| format!("{u} (still starting)")))
+        .collect();
+    match allowed.is_empty() {
+        true => (true, "the system started with no failed unit".to_owned()),
+        false => (
+            true,
+            format!(
+                "the system started; only units the recipe allows outside its cloud did not: {}",
+                allowed.join(", ")
+            ),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -292,21 +318,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_units_the_recipe_names_may_fail() {
-        let report = |state: &str, failed: &[&str]| probe::Report {
+    fn only_the_units_the_recipe_names_may_fail_or_hang() {
+        let report = |state: &str, failed: &[&str], stuck: &[&str]| probe::Report {
             state: state.into(),
             failed: failed.iter().map(|u| u.to_string()).collect(),
+            stuck: stuck.iter().map(|u| u.to_string()).collect(),
         };
-        let may_fail = ["chrony.service".to_owned()];
-        assert!(judge(&report("running", &[]), &may_fail).0);
-        let (passed, message) = judge(&report("degraded", &["chrony.service"]), &may_fail);
+        let may_fail = ["chrony.service".to_owned(), "google-guest-agent.service".to_owned()];
+        assert!(judge(&report("running", &[], &[]), &may_fail).0);
+        let (passed, message) = judge(&report("degraded", &["chrony.service"], &[]), &may_fail);
         assert!(
-            passed && message.ends_with("outside its cloud: chrony.service"),
+            passed && message.ends_with("outside its cloud did not: chrony.service (failed)"),
             "{message}"
         );
-        let (passed, message) = judge(&report("degraded", &["chrony.service", "ssh.service"]), &may_fail);
+        let (passed, message) = judge(&report("degraded", &["chrony.service", "ssh.service"], &[]), &may_fail);
         assert!(!passed && message == "failed units: ssh.service", "{message}");
-        assert!(!judge(&report("degraded", &["chrony.service"]), &[]).0);
-        assert!(!judge(&report("degraded", &[]), &may_fail).0);
+        assert!(!judge(&report("degraded", &["chrony.service"], &[]), &[]).0);
+        assert!(!judge(&report("degraded", &[], &[]), &may_fail).0);
+
+        let hung = report("starting", &[], &["google-guest-agent.service"]);
+        let (passed, message) = judge(&hung, &may_fail);
+        assert!(
+            passed && message.ends_with("google-guest-agent.service (still starting)"),
+            "{message}"
+        );
+        let (passed, message) = judge(&hung, &[]);
+        assert!(
+            !passed && message == "units that never finished starting: google-guest-agent.service",
+            "{message}"
+        );
+        let (passed, message) = judge(&report("starting", &["ssh.service"], &["slow.service"]), &may_fail);
+        assert!(
+            !passed && message == "failed units: ssh.service; units that never finished starting: slow.service",
+            "{message}"
+        );
+        assert!(!judge(&report("starting", &[], &[]), &may_fail).0);
     }
 }

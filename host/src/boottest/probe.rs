@@ -18,23 +18,35 @@ const SCRIPT: &str = "/etc/imgvm-boot-report";
 const UNIT: &str = "/etc/systemd/system/imgvm-boot-report.service";
 const WANTS: &str = "/etc/systemd/system/multi-user.target.d/imgvm-boot-report.conf";
 
-/// Waits for systemd to finish starting the system, then (for at most 30 s) for what is
-/// still starting or stopping: a unit that failed and is being restarted is neither
-/// failed nor running until it settles. Prints one line. The script computes the
-/// marker's number, so the marker itself is in no file.
+/// Waits for systemd to finish starting the system, for at most `SETTLE_LIMIT`: a unit
+/// that waits for its cloud (GCE's guest agent for the metadata server) may never finish
+/// starting on qemu, and the console stays silent meanwhile. Then (for at most 30 s) it
+/// waits for what is still starting or stopping: a unit that failed and is being
+/// restarted is neither failed nor running until it settles. Prints one line, naming
+/// the failed units and the units whose start was still running. The script computes
+/// the marker's number, so the marker itself is in no file.
 const SCRIPT_TEXT: &str = r#"# imgvm's boot test: how the boot ended, on the console.
-systemctl is-system-running --wait > /dev/null
-for i in $(seq 30); do
-    [ -z "$(systemctl list-units --state=activating,deactivating --plain --no-legend --no-pager)" ] && break
-    sleep 1
-done
+timeout @SETTLE@ systemctl is-system-running --wait > /dev/null
+if [ $? -ne 124 ]; then
+    for i in $(seq 30); do
+        [ -z "$(systemctl list-units --state=activating,deactivating --plain --no-legend --no-pager)" ] && break
+        sleep 1
+    done
+fi
 failed=$(systemctl list-units --state=failed,auto-restart --plain --no-legend --no-pager |
     while read -r unit rest; do printf '%s ' "$unit"; done)
+stuck=$(systemctl list-jobs --plain --no-legend --no-pager |
+    while read -r job unit type state rest; do [ "$state" = running ] && printf '%s ' "$unit"; done)
 state=$(systemctl is-system-running)
 printf '
-%s state=%s failed=%s
-' "imgvm-boot-$((6*7))-@TOKEN@" "$state" "$failed" > /dev/console
+%s state=%s failed=%s stuck=%s
+' "imgvm-boot-$((6*7))-@TOKEN@" "$state" "$failed" "$stuck" > /dev/console
 "#;
+
+/// How long the report waits for systemd to finish starting the system: well inside the
+/// boot test's limit of console silence, so that a unit that never finishes starting is
+/// named instead of the boot timing out.
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(180);
 
 /// `Type=exec`: the unit's start job ends once the script runs, so the boot it waits for
 /// can finish.
@@ -77,6 +89,8 @@ pub struct Report {
     pub state: String,
     /// Failed units, and units that failed and are being restarted.
     pub failed: Vec<String>,
+    /// Units whose start job was still running when the report gave up waiting.
+    pub stuck: Vec<String>,
 }
 
 impl Probe {
@@ -128,7 +142,9 @@ impl Probe {
             "{:016x}",
             std::collections::hash_map::RandomState::new().build_hasher().finish()
         );
-        let script = SCRIPT_TEXT.replace("@TOKEN@", &token);
+        let script = SCRIPT_TEXT
+            .replace("@TOKEN@", &token)
+            .replace("@SETTLE@", &SETTLE_LIMIT.as_secs().to_string());
         helper.disks = vec![overlay.clone()];
         helper.read_only = false;
         let fetcher = crate::archive::Fetcher::default();
@@ -201,12 +217,19 @@ fn report(console: &str, marker: &str) -> Option<Report> {
         .rev()
         .find(|&i| line.is_char_boundary(i));
     let line = &line[..cut.unwrap_or(0)];
-    let (state, failed) = line.trim().strip_prefix("state=")?.split_once(" failed=")?;
+    let (state, units) = line.trim().strip_prefix("state=")?.split_once(" failed=")?;
+    let (failed, stuck) = units.split_once("stuck=")?;
     // Only what a unit name can hold: anything else is not the guest's unit list.
-    let unit = |name: &&str| name.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.@\\".contains(c));
+    let units = |list: &str| {
+        list.split_whitespace()
+            .filter(|name| name.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.@\\".contains(c)))
+            .map(str::to_owned)
+            .collect()
+    };
     Some(Report {
         state: crate::text::printable(state).into_owned(),
-        failed: failed.split_whitespace().filter(unit).map(str::to_owned).collect(),
+        failed: units(failed),
+        stuck: units(stuck),
     })
 }
 
@@ -217,27 +240,96 @@ mod tests {
     #[test]
     fn reads_the_report_line_once_whole() {
         let marker = "imgvm-boot-42-00ff";
+        let units = |names: &[&str]| names.iter().map(|u| u.to_string()).collect::<Vec<_>>();
         assert_eq!(
             report("[  OK  ] Reached target\nimgvm-boot-42-00ff state=runn", marker),
             None
         );
         assert_eq!(
-            report("\nimgvm-boot-42-00ff state=running failed=\nlocalhost login: ", marker),
+            report(
+                "\nimgvm-boot-42-00ff state=running failed= stuck=\nlocalhost login: ",
+                marker
+            ),
             Some(Report {
                 state: "running".into(),
-                failed: vec![]
+                failed: vec![],
+                stuck: vec![],
             })
         );
         assert_eq!(
             report(
-                "imgvm-boot-42-00ff state=degraded failed=broken.service ssh.socket \u{1b}[0m \n",
+                "imgvm-boot-42-00ff state=degraded failed=broken.service ssh.socket \u{1b}[0m  stuck=\n",
                 marker
             ),
             Some(Report {
                 state: "degraded".into(),
-                failed: vec!["broken.service".into(), "ssh.socket".into()]
+                failed: units(&["broken.service", "ssh.socket"]),
+                stuck: vec![],
             })
         );
-        assert_eq!(report("imgvm-boot-42-00fe state=running failed=\n", marker), None);
+        assert_eq!(
+            report(
+                "imgvm-boot-42-00ff state=starting failed= stuck=google-guest-agent.service \n",
+                marker
+            ),
+            Some(Report {
+                state: "starting".into(),
+                failed: vec![],
+                stuck: units(&["google-guest-agent.service"]),
+            })
+        );
+        assert_eq!(
+            report("imgvm-boot-42-00fe state=running failed= stuck=\n", marker),
+            None
+        );
+    }
+
+    /// The report script itself, run by `sh` against a stand-in `systemctl` whose start
+    /// of the system never ends: it names the failed unit and the one still starting.
+    #[test]
+    fn the_script_names_failed_units_and_starts_that_never_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let tool = |name: &str, text: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            let path = bin.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{text}")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        tool("timeout", "[ \"$1\" = 180 ] || exit 2\nexit 124\n");
+        tool(
+            "systemctl",
+            r#"case "$*" in
+is-system-running) echo starting; exit 1 ;;
+"list-units --state=failed,auto-restart "*) echo "broken.service loaded failed failed Broken" ;;
+"list-jobs "*) printf '  1 multi-user.target start waiting\n  7 google-guest-agent.service start running\n' ;;
+*) echo "unexpected: $*" >&2; exit 1 ;;
+esac
+"#,
+        );
+        let console = dir.path().join("console");
+        let script = SCRIPT_TEXT
+            .replace("@TOKEN@", "00ff")
+            .replace("@SETTLE@", &SETTLE_LIMIT.as_secs().to_string())
+            .replace("/dev/console", console.to_str().unwrap());
+        let path = format!("{}:/usr/bin:/bin", bin.display());
+        let ran = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+        assert!(ran.stderr.is_empty(), "{}", String::from_utf8_lossy(&ran.stderr));
+        let said = std::fs::read_to_string(&console).unwrap();
+        assert_eq!(
+            report(&said, "imgvm-boot-42-00ff"),
+            Some(Report {
+                state: "starting".into(),
+                failed: vec!["broken.service".into()],
+                stuck: vec!["google-guest-agent.service".into()],
+            }),
+            "{said}"
+        );
     }
 }

@@ -57,8 +57,9 @@ pub struct Body {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootTest {
-    /// Units that need the vendor's own machine (Hyper-V's PTP clock for Azure's chrony)
-    /// and so fail under qemu: the boot test names them when they fail, and passes.
+    /// Units that need the vendor's own machine (Hyper-V's PTP clock for Azure's chrony,
+    /// the metadata server for GCE's guest agent) and so fail, or never finish starting,
+    /// under qemu: the boot test names them, and passes.
     #[serde(default)]
     pub may_fail: Vec<String>,
 }

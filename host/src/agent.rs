@@ -15,8 +15,8 @@ pub fn candidates(arch: Arch) -> Vec<PathBuf> {
     if let Some(dir) = std::env::var_os("IMGVM_AGENT_DIR") {
         dirs.push(PathBuf::from(dir));
     }
+    dirs.extend(crate::lib_dir());
     if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(PathBuf::from)) {
-        dirs.push(exe_dir.join("../lib/imgvm"));
         dirs.push(exe_dir);
     }
     dirs.into_iter().map(|d| d.join(&name)).collect()

@@ -44,13 +44,31 @@ use std::path::PathBuf;
 
 /// The first executable called `name` on `PATH`.
 pub fn which(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
         .map(|dir| PathBuf::from(dir).join(name))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Where an installation keeps imgvm's own companions (agents, and in the Debian
+/// package the user-space vsock device): `../lib/imgvm` from the `imgvm` binary.
+pub fn lib_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.join("../lib/imgvm"))
+}
+
+/// The executable `name` that an installation brings in [`lib_dir`], else the first on
+/// `PATH`.
+pub fn companion(name: &str) -> Option<PathBuf> {
+    lib_dir()
+        .map(|dir| dir.join(name))
+        .filter(|p| is_executable(p))
+        .or_else(|| which(name))
 }

@@ -15,6 +15,12 @@
 //! each firmware of the arch), each output checked from outside imgvm to have its
 //! vendor's format and size; the time of each build, its bootstrap and boots.
 //!
+//! `cargo xtask bench deb [SUITE...]`: the Debian package (`cargo xtask deb`) installed
+//! with `apt-get install ./imgvm_*.deb` on a clean Debian of each suite (bookworm and
+//! trixie unless named: an mmdebstrap chroot of the `apt` variant, thrown away after),
+//! where an unprivileged user then runs `imgvm doctor` and boots the helper VM
+//! (`imgvm run -- true`); the time of each. Needs root, for the chroot.
+//!
 //! `cargo xtask bench rebuild`: the default recipe (renamed, so that the step cache has
 //! nothing of it yet) built cold, then again unchanged, after a change to its last `file`
 //! step, and after a small package added in a late `apt` step; the time of each and the
@@ -31,8 +37,9 @@ pub fn run(args: &[&str]) -> Result<()> {
         Some(&"reproducible") => reproducible(&args[1..]),
         Some(&"rebuild") => rebuild(),
         Some(&"vendors") => vendors(&args[1..]),
+        Some(&"deb") => deb(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask bench build | boot [ARCH[=SUITE]...] | reproducible RECIPE [ARCH] | rebuild | vendors [ARCH] [SUITE] [VENDOR...]"
+            "usage: cargo xtask bench build | boot [ARCH[=SUITE]...] | reproducible RECIPE [ARCH] | rebuild | vendors [ARCH] [SUITE] [VENDOR...] | deb [SUITE...]"
         ),
     }
 }
@@ -270,6 +277,40 @@ fn vendors(args: &[&str]) -> Result<()> {
         let _ = std::fs::remove_dir_all(&out);
     }
     let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}
+
+fn deb(args: &[&str]) -> Result<()> {
+    let suites: &[&str] = if args.is_empty() { &["bookworm", "trixie"] } else { args };
+    let deb = crate::deb::build()?;
+    let name = deb.file_name().context("a file")?.to_string_lossy().into_owned();
+    println!(
+        "{:>9}  clean Debian: apt-get install ./{name}, then as a user imgvm doctor and imgvm run",
+        "seconds"
+    );
+    for suite in suites {
+        let started = std::time::Instant::now();
+        // Each hook runs with the chroot's /dev, /proc and /sys mounted; the user's
+        // imgvm cache (the helper's appliance) goes with the chroot.
+        let hooks = [
+            format!("copy-in {} /tmp", deb.display()),
+            format!("chroot \"$1\" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/{name}"),
+            "chroot \"$1\" useradd --create-home builder".to_owned(),
+            "chroot \"$1\" runuser -u builder -- imgvm doctor".to_owned(),
+            "chroot \"$1\" runuser -u builder -- imgvm run -- cat /etc/os-release".to_owned(),
+        ];
+        let mut cmd = Command::new("mmdebstrap");
+        cmd.args(["--quiet", "--variant=apt", "--include=passwd", suite, "/dev/null"]);
+        for hook in &hooks {
+            cmd.arg(format!("--customize-hook={hook}"));
+        }
+        crate::exec(&mut cmd)
+            .with_context(|| format!("on a clean {suite} (mmdebstrap from `cargo xtask setup`; as root)"))?;
+        println!(
+            "{:>9.0}  {suite}: installed, doctor ready, helper VM ran",
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }
 

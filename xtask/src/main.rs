@@ -3,11 +3,13 @@
 //! - `setup`   installs what imgvm and its tests need on a Debian/Ubuntu machine
 //! - `agents`  cross-builds the guest agent for every architecture
 //! - `install` installs `imgvm` and its agents (default prefix: ~/.cargo)
+//! - `deb`     builds a Debian package of imgvm for this machine's architecture
 //! - `test`    setup + agents + the whole test suite (what CI runs)
 //! - `fuzz`    runs the fuzz targets for a while (nightly, installed when it can be)
 //! - `bench`   boot and build benchmarks
 
 mod bench;
+mod deb;
 mod fuzz;
 mod setup;
 
@@ -38,13 +40,12 @@ fn dispatch() -> Result<()> {
         Some("setup") => setup::run(),
         Some("agents") => agents("debug").map(drop),
         Some("install") => install(&rest),
+        Some("deb") => deb::build().map(|deb| println!("{}", deb.display())),
         Some("test") => test(&rest),
         Some("fuzz") => fuzz::run(&rest),
         Some("bench") => bench::run(&rest),
         _ => {
-            eprintln!(
-                "usage: cargo xtask <setup|agents|install [--prefix DIR]|test|fuzz [SECONDS]|bench build|bench boot>"
-            );
+            eprintln!("usage: cargo xtask <setup|agents|install [--prefix DIR]|deb|test|fuzz [SECONDS]|bench ...>");
             std::process::exit(2)
         }
     }
@@ -101,7 +102,7 @@ pub fn agents(profile: &str) -> Result<PathBuf> {
 }
 
 /// Installs `PREFIX/bin/imgvm` and `PREFIX/lib/imgvm/imgvm-agent-*`, where imgvm
-/// looks for its agents.
+/// looks for its agents, its manual pages and shell completions.
 fn install(args: &[&str]) -> Result<()> {
     let prefix = match args {
         ["--prefix", dir] => PathBuf::from(dir),
@@ -110,6 +111,22 @@ fn install(args: &[&str]) -> Result<()> {
             .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")),
         _ => bail!("usage: cargo xtask install [--prefix DIR]"),
     };
+    // zsh looks in PREFIX/share/zsh/site-functions for a local prefix.
+    install_tree(&prefix, "zsh/site-functions")?;
+    eprintln!(
+        "xtask: installed {}, its agents in {}, its manual pages and shell completions in {}",
+        prefix.join("bin/imgvm").display(),
+        prefix.join("lib/imgvm").display(),
+        prefix.join("share").display()
+    );
+    Ok(())
+}
+
+/// Builds imgvm (release) and lays it out under `prefix` as an installation: the binary,
+/// the agents in `lib/imgvm`, manual pages in `share/man/man1`, and completions for
+/// bash, fish and zsh (in `share/ZSH_DIR`, which differs between a local prefix and a
+/// distribution's).
+pub fn install_tree(prefix: &Path, zsh_dir: &str) -> Result<()> {
     exec(cargo().args(["build", "--quiet", "--release", "--package", "imgvm"]))?;
     let built = agents("release")?;
     let (bin, lib) = (prefix.join("bin"), prefix.join("lib/imgvm"));
@@ -134,9 +151,9 @@ fn install(args: &[&str]) -> Result<()> {
             .stdout(std::process::Stdio::null()),
     )?;
     for (shell, place) in [
-        ("bash", "bash-completion/completions/imgvm"),
-        ("zsh", "zsh/site-functions/_imgvm"),
-        ("fish", "fish/vendor_completions.d/imgvm.fish"),
+        ("bash", "bash-completion/completions/imgvm".to_owned()),
+        ("zsh", format!("{zsh_dir}/_imgvm")),
+        ("fish", "fish/vendor_completions.d/imgvm.fish".to_owned()),
     ] {
         let script = imgvm().args(["completions", shell]).output()?;
         if !script.status.success() {
@@ -146,12 +163,6 @@ fn install(args: &[&str]) -> Result<()> {
         std::fs::create_dir_all(path.parent().expect("a file in a directory"))?;
         std::fs::write(&path, script.stdout)?;
     }
-    eprintln!(
-        "xtask: installed {}, its agents in {}, its manual pages and shell completions in {}",
-        bin.join("imgvm").display(),
-        lib.display(),
-        share.display()
-    );
     Ok(())
 }
 

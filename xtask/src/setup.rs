@@ -5,25 +5,37 @@ use crate::{exec, ARCHES};
 use anyhow::{bail, Result};
 use std::process::Command;
 
-/// Debian packages: qemu for the three architectures, firmware for boot tests, host-side
-/// disk tools the tests inspect images with, gpgv for archive signatures, and the linker
-/// for the ppc64le agent.
-const PACKAGES: &[&str] = &[
-    "qemu-system-x86",
-    "qemu-system-arm",
-    "qemu-system-ppc",
-    "qemu-utils",
-    "seabios",
-    "ovmf",
-    "qemu-efi-aarch64",
-    "gpgv",
+/// What imgvm runs for each architecture's VMs: its qemu, and the firmware its boot
+/// tests boot on (SLOF comes with qemu). The Debian package depends on its own
+/// architecture's and recommends the others.
+pub const VM_PACKAGES: [(&str, &[&str]); 3] = [
+    ("amd64", &["qemu-system-x86", "seabios", "ovmf"]),
+    ("arm64", &["qemu-system-arm", "qemu-efi-aarch64"]),
+    ("ppc64el", &["qemu-system-ppc"]),
+];
+
+/// What imgvm runs on every machine: qemu-img, and gpgv for archive signatures.
+pub const RUNTIME_PACKAGES: &[&str] = &["qemu-utils", "gpgv"];
+
+/// What only imgvm's tests and benchmarks need: host-side disk tools the tests inspect
+/// images with, the linker for the ppc64le agent, dpkg-dev for the Debian package's
+/// library dependencies, and mmdebstrap for the native bootstrap benchmarks compare with
+/// and the clean systems the Debian package is installed on.
+const DEVELOPMENT_PACKAGES: &[&str] = &[
     "fdisk",
     "e2fsprogs",
     "dosfstools",
     "util-linux",
     "gcc-powerpc64le-linux-gnu",
     "libc6-dev-ppc64el-cross",
+    "dpkg-dev",
+    "mmdebstrap",
 ];
+
+/// The user-space vsock device imgvm talks to its helper VM through (where the kernel's
+/// vhost-vsock is not usable): the version the agent's transfer limits were measured
+/// against, installed by `setup` and shipped in the Debian package.
+pub const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
 
 /// Where the tests' unprivileged user lives when the suite runs as root.
 pub const TEST_USER: &str = "imgvm-test";
@@ -62,7 +74,14 @@ fn installed(package: &str) -> bool {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = VM_PACKAGES
+        .iter()
+        .flat_map(|(_, packages)| packages.iter())
+        .chain(RUNTIME_PACKAGES)
+        .chain(DEVELOPMENT_PACKAGES)
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -124,7 +143,13 @@ fn vhost_device_vsock() -> Result<()> {
         return Ok(());
     }
     let mut cmd = crate::cargo();
-    cmd.args(["install", "--locked", "vhost-device-vsock"]);
+    cmd.args([
+        "install",
+        "--locked",
+        "vhost-device-vsock",
+        "--version",
+        VHOST_DEVICE_VSOCK_VERSION,
+    ]);
     if is_root() {
         cmd.args(["--root", "/usr/local"]);
     }

@@ -55,12 +55,13 @@ pub fn kernel_vsock_usable() -> bool {
         .is_ok()
 }
 
-/// `$IMGVM_VHOST_DEVICE_VSOCK`, else `vhost-device-vsock` on `PATH`.
+/// `$IMGVM_VHOST_DEVICE_VSOCK`, else the one an installation brings (the Debian
+/// package's), else `vhost-device-vsock` on `PATH`.
 pub fn vhost_device_vsock() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("IMGVM_VHOST_DEVICE_VSOCK") {
         return Some(PathBuf::from(path));
     }
-    crate::which("vhost-device-vsock")
+    crate::companion("vhost-device-vsock")
 }
 
 impl Transport {

@@ -151,6 +151,7 @@ pub fn serve() -> Result<(), String> {
             HostMessage::EndOfData { id } => (id, Inbound::End),
             HostMessage::Credit { id, bytes } => (id, Inbound::Credit(bytes)),
             HostMessage::Cancel { id } => (id, Inbound::Cancel),
+            HostMessage::Resize { id, size } => (id, Inbound::Resize(size)),
         };
         // Messages for requests that already ended are stale, not errors.
         if let Some(route) = routes.lock().unwrap().get(&id) {
@@ -188,6 +189,7 @@ fn start(id: RequestId, operation: imgvm_protocol::Operation, routes: &Routes, w
             tx,
             rx,
             writer: &writer,
+            kept: Default::default(),
         };
         let name = job.name.clone();
         let result = ops::execute(&job, operation);

@@ -2,8 +2,10 @@
 
 use crate::connection::Writer;
 use imgvm_protocol::{ErrorKind, OperationError, RequestId};
+use std::collections::VecDeque;
 use std::io;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, RecvError, Sender};
+use std::sync::Mutex;
 
 /// What reaches a running request: the host's stream messages, and for commands the exit
 /// of the child (sent by its waiter thread).
@@ -12,6 +14,8 @@ pub enum Inbound {
     End,
     Credit(u64),
     Cancel,
+    /// The terminal of a command run on one has a new size.
+    Resize(imgvm_protocol::WindowSize),
     Exited(i32),
 }
 
@@ -25,9 +29,28 @@ pub struct Job<'a> {
     pub tx: Sender<Inbound>,
     pub rx: Receiver<Inbound>,
     pub writer: &'a Writer,
+    /// The request's input that a program of the agent's own received and left for the
+    /// request's command ([`Job::keep`]).
+    pub kept: Mutex<VecDeque<Inbound>>,
 }
 
 impl Job<'_> {
+    /// The next message for the request: what was kept first.
+    pub fn recv(&self) -> Result<Inbound, RecvError> {
+        let kept = self.kept.lock().unwrap().pop_front();
+        match kept {
+            Some(message) => Ok(message),
+            None => self.rx.recv(),
+        }
+    }
+
+    /// Leaves `message`, part of the request's input stream, for what reads the request's
+    /// messages next: the host streams a command's input from the start, while the agent
+    /// may first run programs of its own for it (the mounts of a view of the image).
+    pub fn keep(&self, message: Inbound) {
+        self.kept.lock().unwrap().push_back(message);
+    }
+
     pub fn error(&self, kind: ErrorKind, message: String) -> OperationError {
         OperationError {
             operation: self.name.clone(),
@@ -69,6 +92,7 @@ pub fn with_test_job<T>(root: &std::path::Path, f: impl FnOnce(&Job) -> T) -> T 
         tx,
         rx,
         writer: &writer,
+        kept: Mutex::default(),
     };
     f(&job)
 }

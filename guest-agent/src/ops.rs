@@ -2,11 +2,12 @@
 //! request through its [`Job`].
 
 use crate::command::{self, Input, Program};
+use crate::image::view::View;
 use crate::job::{cancelled, Inbound, Job};
 use crate::reaper;
 use imgvm_protocol::{
-    ErrorKind, GuestMessage, Operation, OperationError, Outcome, RequestId, Transfer, CHUNK_LEN, STDERR_TAIL_LINES,
-    STREAM_WINDOW,
+    Access, Command, ErrorKind, GuestMessage, Operation, OperationError, Outcome, RequestId, Transfer, CHUNK_LEN,
+    STDERR_TAIL_LINES, STREAM_WINDOW,
 };
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -16,15 +17,7 @@ use std::sync::mpsc::Receiver;
 pub fn execute(job: &Job, operation: Operation) -> Result<Outcome, OperationError> {
     let fail = |e: io::Error| job.io_error(&e);
     match operation {
-        Operation::Run(c) => {
-            let program = Program {
-                argv: c.argv,
-                env: c.env,
-                cwd: c.cwd,
-            };
-            let input = if c.stdin { Input::Host } else { Input::Null };
-            command::run(job, &program, input, false).map(|_| Outcome::Exited { code: 0 })
-        }
+        Operation::Run(c) => run(job, c).map(|()| Outcome::Exited { code: 0 }),
         Operation::Upload {
             path,
             format: Transfer::File,
@@ -57,6 +50,39 @@ pub fn execute(job: &Job, operation: Operation) -> Result<Outcome, OperationErro
         Operation::Image(op) => crate::image::execute(job, op).map(Outcome::Image),
     }
 }
+
+/// A command of the host's, in the helper or in a view of the image, on a terminal or
+/// with its output in lines.
+fn run(job: &Job, c: Command) -> Result<(), OperationError> {
+    let view = match c.image {
+        Some(access) => Some(View::mount(job, COMMAND_VIEW, access == Access::ReadWrite)?),
+        None => None,
+    };
+    let program = match &view {
+        Some(view) => Program {
+            cwd: None,
+            env: c.env,
+            ..view.chroot(&c.argv)
+        },
+        None => Program {
+            argv: c.argv,
+            env: c.env,
+            cwd: c.cwd,
+        },
+    };
+    let ran = match c.terminal {
+        Some(size) => command::run_terminal(job, &program, size),
+        None => {
+            let input = if c.stdin { Input::Host } else { Input::Null };
+            command::run(job, &program, input, false).map(drop)
+        }
+    };
+    let unmounted = view.map_or(Ok(()), View::unmount);
+    ran.and(unmounted)
+}
+
+/// Where the image is seen by a command the host runs in it.
+const COMMAND_VIEW: &str = "/run/imgvm-command";
 
 pub fn invalid(operation: &Operation, message: String) -> OperationError {
     OperationError {
@@ -111,7 +137,7 @@ fn upload_file(job: &Job, path: &str, mode: u32) -> io::Result<u64> {
                 }
                 return Err(cancelled());
             }
-            Ok(Inbound::Credit(_) | Inbound::Exited(_)) => {}
+            Ok(Inbound::Credit(_) | Inbound::Resize(_) | Inbound::Exited(_)) => {}
         }
     }
 }

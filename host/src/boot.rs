@@ -8,6 +8,7 @@
 
 use crate::arch::Arch;
 use crate::boottest::{firmware, seed, Firmware};
+use crate::terminal::{keyboard, RawTerminal};
 use crate::vm::qemu::{drive, escape_option, Boot, Qemu};
 use crate::vm::{qmp, Accel};
 use anyhow::{bail, Context, Result};
@@ -177,58 +178,10 @@ async fn boot_with(options: &BootOptions, accel: Accel, cancel: &CancellationTok
     Ok(Ended::As(ended))
 }
 
-/// What is typed on stdin, as it comes. Read by a thread of its own, not tokio's stdin:
-/// a read that waits for a key would otherwise hold up the runtime's end when the
-/// machine has gone.
-fn keyboard() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
-    let (send, receive) = tokio::sync::mpsc::channel(16);
-    std::thread::spawn(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 4096];
-        let mut stdin = std::io::stdin().lock();
-        while let Ok(n @ 1..) = stdin.read(&mut buf) {
-            if send.blocking_send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    receive
-}
-
 /// One line of imgvm's own on the console, set apart from the guest's.
 async fn say(out: &mut tokio::io::Stdout, text: &str) {
     let _ = out.write_all(format!("\r\n[imgvm: {text}]\r\n").as_bytes()).await;
     let _ = out.flush().await;
-}
-
-/// The terminal on stdin in raw mode, as a serial line wants it, restored when dropped;
-/// nothing when stdin is not a terminal.
-struct RawTerminal(libc::termios);
-
-impl RawTerminal {
-    fn enter() -> Option<RawTerminal> {
-        // SAFETY: termios is plain data; tcgetattr fills it or fails on a non-terminal.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
-            return None;
-        }
-        let mut raw = saved;
-        // SAFETY: both operate on the termios value and the terminal just read.
-        unsafe {
-            libc::cfmakeraw(&mut raw);
-            if libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) != 0 {
-                return None;
-            }
-        }
-        Some(RawTerminal(saved))
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        // SAFETY: restores the settings read in `enter`.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
-    }
 }
 
 /// The `authorized_keys` lines of `text` (a public key file): what cloud-init is given.

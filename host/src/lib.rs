@@ -33,7 +33,9 @@ pub mod report;
 pub mod run;
 pub mod sbom;
 pub mod session;
+pub mod shell;
 pub mod states;
+pub mod terminal;
 #[cfg(test)]
 mod test_http;
 pub mod text;

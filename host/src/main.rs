@@ -73,6 +73,9 @@ enum Cmd {
     /// Boot a built image on its firmware with its serial console on this terminal
     /// (Ctrl-] powers it off, twice stops it at once; a reboot ends it too).
     Boot(BootArgs),
+    /// A root shell, or a command, in a built image's tree: its filesystems mounted in a
+    /// helper VM as its manifest lays them out, read-only unless `--rw`.
+    Shell(ShellArgs),
     /// Boot the helper VM and run a command in it (the debugging entry point).
     Run(RunArgs),
     /// Assemble or inspect the helper VM's appliance.
@@ -204,6 +207,34 @@ struct VmArgs {
 }
 
 #[derive(clap::Args)]
+struct ShellArgs {
+    /// The image (raw or qcow2), as `imgvm build` wrote it, beside its manifest.
+    image: PathBuf,
+    /// Architecture of the image (default: its manifest's).
+    #[arg(long)]
+    arch: Option<Arch>,
+    /// Let the shell change the image; without it, the image is attached and mounted
+    /// read-only.
+    #[arg(long)]
+    rw: bool,
+    /// Debian mirror for the helper appliance's packages (not the image's).
+    #[arg(long, env = "IMGVM_MIRROR")]
+    helper_mirror: Option<String>,
+    /// Debian suite for the helper appliance's packages.
+    #[arg(long, env = "IMGVM_SUITE")]
+    helper_suite: Option<String>,
+    /// Memory of the helper VM in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+    /// vCPUs of the helper VM (default: the host's cores, at most 8).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// The command and its arguments (default: a login shell, on this terminal).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Args)]
 struct RunArgs {
     #[command(flatten)]
     vm: VmArgs,
@@ -266,6 +297,11 @@ struct BuildArgs {
     /// Build from an empty disk, and keep no state of this build in the step cache.
     #[arg(long)]
     no_cache: bool,
+    /// When a step fails, open a root shell in the image (in the helper VM, which is
+    /// still running) before the build ends as failed; in the helper itself when no
+    /// image is mounted yet.
+    #[arg(long)]
+    debug_shell: bool,
 }
 
 /// The helper VM of a build.
@@ -509,6 +545,7 @@ async fn dispatch(command: Cmd) -> Result<u8> {
             }
             Ok(if report.ready { exit::SUCCESS } else { exit::ERROR })
         }
+        Cmd::Shell(args) => shell(args).await,
         Cmd::Run(args) => run(args).await,
         Cmd::Build(args) => {
             let json = args.json;
@@ -616,6 +653,33 @@ async fn run(args: RunArgs) -> Result<u8> {
     Ok(code.clamp(0, 255) as u8)
 }
 
+async fn shell(args: ShellArgs) -> Result<u8> {
+    let (info, arch) = built_image(&args.image, args.arch)?;
+    let Some((table, partitions)) = info.layout else {
+        anyhow::bail!(
+            "{}: no manifest beside it says how its disk is laid out (`imgvm build` writes NAME.manifest.json)",
+            args.image.display()
+        );
+    };
+    let vm = VmArgs {
+        arch,
+        mirror: args.helper_mirror,
+        suite: args.helper_suite,
+    };
+    let request = imgvm::shell::ShellRequest {
+        image: args.image,
+        table,
+        partitions,
+        helper: helper_options(vm, Vec::new(), args.memory, args.cpus, 180),
+        writable: args.rw,
+        argv: args.command,
+    };
+    let code = interruptible(|cancel| imgvm::shell::shell(request, cancel))
+        .await?
+        .flatten();
+    Ok(code.map_or(exit::CANCELLED, |code| code.clamp(0, 255) as u8))
+}
+
 async fn build(args: BuildArgs) -> Result<u8> {
     // The built-in recipe lives in a temporary directory for the duration of the build.
     let (builtin, path) = match args.recipe {
@@ -638,6 +702,7 @@ async fn build(args: BuildArgs) -> Result<u8> {
         lock_only: false,
         test: args.test,
         no_cache: args.no_cache,
+        debug_shell: args.debug_shell,
         ..build_options(recipe, args.output, args.helper)
     };
     if args.dry_run {
@@ -731,6 +796,7 @@ fn build_options(
         lock: None,
         lock_only: false,
         no_cache: false,
+        debug_shell: false,
         fallback: None,
     }
 }

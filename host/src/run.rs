@@ -65,39 +65,10 @@ async fn work(helper: &Helper, request: &RunRequest, cancel: &CancellationToken)
     };
     let stdin: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>> =
         request.stdin.then(|| Box::new(tokio::io::stdin()) as _);
-    // The command's output is the user's: written as it comes, unchanged. A slow reader
-    // (`| less`) blocks this write, off the runtime's other tasks (`block_in_place`), and
-    // the session's bounded routes carry that back to the guest.
-    let reply = session
-        .run(
-            command,
-            stdin,
-            |event| {
-                tokio::task::block_in_place(|| match event {
-                    Event::Stdout(line) => {
-                        let mut out = std::io::stdout().lock();
-                        let _ = out
-                            .write_all(&line)
-                            .and_then(|_| out.write_all(b"\n"))
-                            .and_then(|_| out.flush());
-                    }
-                    Event::Stderr(line) => {
-                        let mut err = std::io::stderr().lock();
-                        let _ = err.write_all(&line).and_then(|_| err.write_all(b"\n"));
-                    }
-                })
-            },
-            cancel,
-        )
-        .await?;
-    let code = match reply {
-        Ok(_) => 0,
-        Err(e) if e.kind == ErrorKind::Cancelled => {
-            tracing::warn!("command cancelled");
-            return Ok(130);
-        }
-        Err(e) if e.kind == ErrorKind::CommandFailed => e.exit_code.unwrap_or(1),
-        Err(e) => bail!("{e}"),
+    let reply = session.run(command, stdin, print, cancel).await?;
+    let code = match exit_code(reply)? {
+        Some(code) => code,
+        None => return Ok(130),
     };
     for copy in &request.copy_out {
         crate::transfer::copy_out(session, &copy.from, Path::new(&copy.to), None, cancel)
@@ -105,4 +76,36 @@ async fn work(helper: &Helper, request: &RunRequest, cancel: &CancellationToken)
             .with_context(|| format!("--copy-out {}:{}", copy.from, copy.to))?;
     }
     Ok(code)
+}
+
+/// Writes a line of a command's output where the user sees it: written as it comes,
+/// unchanged. A slow reader (`| less`) blocks this write, off the runtime's other tasks
+/// (`block_in_place`), and the session's bounded routes carry that back to the guest.
+pub fn print(event: Event) {
+    tokio::task::block_in_place(|| match event {
+        Event::Stdout(line) => {
+            let mut out = std::io::stdout().lock();
+            let _ = out
+                .write_all(&line)
+                .and_then(|_| out.write_all(b"\n"))
+                .and_then(|_| out.flush());
+        }
+        Event::Stderr(line) => {
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(&line).and_then(|_| err.write_all(b"\n"));
+        }
+    })
+}
+
+/// A command's exit status from its reply; `None` when it was cancelled.
+pub fn exit_code(reply: crate::session::Reply) -> Result<Option<i32>> {
+    match reply {
+        Ok(_) => Ok(Some(0)),
+        Err(e) if e.kind == ErrorKind::Cancelled => {
+            tracing::warn!("command cancelled");
+            Ok(None)
+        }
+        Err(e) if e.kind == ErrorKind::CommandFailed => Ok(Some(e.exit_code.unwrap_or(1))),
+        Err(e) => bail!("{e}"),
+    }
 }

@@ -7,8 +7,8 @@
 
 use imgvm_protocol::{
     decode, encode, payload_len, Command, Event, GuestMessage, Handshake, HostMessage, ImageOp, ImageOperation,
-    ImageReply, Operation, OperationError, Outcome, RequestId, Transfer, ACK_THRESHOLD, CHUNK_LEN, FRAME_HEADER_LEN,
-    MAX_REPLY_LEN, PROTOCOL_VERSION, STREAM_WINDOW,
+    ImageReply, Operation, OperationError, Outcome, RequestId, Transfer, WindowSize, ACK_THRESHOLD, CHUNK_LEN,
+    FRAME_HEADER_LEN, MAX_REPLY_LEN, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -251,6 +251,51 @@ impl Session {
             ..command
         };
         self.request(Operation::Run(command), stdin, on_event, cancel).await
+    }
+
+    /// Runs a command on a terminal in the guest ([`Command::terminal`]): `keys` is typed
+    /// on it, its output is written to `screen` as it comes, and each size from `sizes`
+    /// is the terminal's new size. Cancelling `cancel` stops the command.
+    pub async fn terminal(
+        &self,
+        command: Command,
+        mut keys: mpsc::Receiver<Vec<u8>>,
+        mut sizes: mpsc::Receiver<WindowSize>,
+        screen: &mut (impl AsyncWrite + Unpin),
+        cancel: &CancellationToken,
+    ) -> Result<Reply, SessionError> {
+        let mut request = self.start(Operation::Run(Command { stdin: true, ..command })).await?;
+        let (mut sent, mut credited) = (0u64, 0u64);
+        let mut cancelled = false;
+        loop {
+            // Keys wait while the guest has not taken what was typed before.
+            let room = sent - credited < STREAM_WINDOW;
+            tokio::select! {
+                message = request.next() => match message? {
+                    GuestMessage::Data { chunk, .. } => {
+                        screen.write_all(&chunk).await.map_err(|e| SessionError::Sink(e.to_string()))?;
+                        screen.flush().await.map_err(|e| SessionError::Sink(e.to_string()))?;
+                        request.credit(chunk.len() as u64).await?;
+                    }
+                    GuestMessage::Credit { bytes, .. } => credited += bytes,
+                    GuestMessage::Done { result, .. } => return Ok(result),
+                    _ => {}
+                },
+                Some(typed) = keys.recv(), if room => {
+                    for piece in typed.chunks(CHUNK_LEN) {
+                        sent += piece.len() as u64;
+                        self.send(HostMessage::Data { id: request.id, chunk: piece.to_vec() }).await?;
+                    }
+                }
+                Some(size) = sizes.recv() => {
+                    self.send(HostMessage::Resize { id: request.id, size }).await?;
+                }
+                _ = cancel.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    request.cancel().await?;
+                }
+            }
+        }
     }
 
     /// Carries out `operation`, streaming `input` to it if given and handing its events

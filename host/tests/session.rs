@@ -460,3 +460,47 @@ async fn a_download_stops_at_its_limit() {
         .unwrap()
         .unwrap();
 }
+
+/// A command on a terminal: what is typed and each new window size reach the agent, and
+/// its raw output reaches the screen unchanged and is credited.
+#[tokio::test]
+async fn a_terminal_carries_keys_sizes_and_raw_output() {
+    use imgvm_protocol::{Operation, WindowSize};
+    let (session, mut guest) = handshaken().await;
+    let (typed, keys) = tokio::sync::mpsc::channel(4);
+    let (resized, sizes) = tokio::sync::mpsc::channel(4);
+    let size = WindowSize { rows: 24, cols: 80 };
+    let command = Command {
+        argv: vec!["/bin/sh".into()],
+        terminal: Some(size),
+        ..Default::default()
+    };
+    let output = b"\x1b[1mbold\r\n# ".to_vec();
+    let agent = async {
+        let HostMessage::Request {
+            id,
+            operation: Operation::Run(asked),
+        } = read_host(&mut guest).await
+        else {
+            panic!("expected a command")
+        };
+        assert!(asked.stdin && asked.terminal == Some(size), "{asked:?}");
+        typed.send(b"ls\n".to_vec()).await.unwrap();
+        let chunk = b"ls\n".to_vec();
+        assert_eq!(read_host(&mut guest).await, HostMessage::Data { id, chunk });
+        let bigger = WindowSize { rows: 50, cols: 132 };
+        resized.send(bigger).await.unwrap();
+        assert_eq!(read_host(&mut guest).await, HostMessage::Resize { id, size: bigger });
+        let chunk = output.clone();
+        send_all(&mut guest, [GuestMessage::Data { id, chunk }]).await;
+        let bytes = output.len() as u64;
+        assert_eq!(read_host(&mut guest).await, HostMessage::Credit { id, bytes });
+        let result = Ok(Outcome::Exited { code: 0 });
+        send_all(&mut guest, [GuestMessage::Done { id, result }]).await;
+    };
+    let mut screen = Vec::new();
+    let cancel = CancellationToken::new();
+    let (reply, ()) = tokio::join!(session.terminal(command, keys, sizes, &mut screen, &cancel), agent);
+    assert_eq!(reply.unwrap(), Ok(Outcome::Exited { code: 0 }));
+    assert_eq!(screen, output);
+}

@@ -35,7 +35,7 @@ pub use operations::{Handle, ImageOperation};
 
 /// Changed whenever an encoding changes. Not kept from memory: `tests/golden.rs` fails
 /// when the pinned encodings differ and this number does not.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// The vsock port the agent connects to when the kernel command line names none.
 pub const AGENT_PORT: u32 = 1024;

@@ -43,6 +43,11 @@ pub enum HostMessage {
     Ack {
         bytes: u64,
     },
+    /// The terminal of a command run on one ([`Command::terminal`]) has a new size.
+    Resize {
+        id: RequestId,
+        size: WindowSize,
+    },
 }
 
 /// Guest to host.
@@ -140,6 +145,30 @@ pub struct Command {
     pub cwd: Option<String>,
     /// Whether the host streams stdin as `Data`; otherwise stdin is `/dev/null`.
     pub stdin: bool,
+    /// Run chrooted in the image mounted at [`crate::TARGET`] (with the helper's own
+    /// /dev, /proc, /sys, /run and /tmp), instead of in the helper.
+    pub image: Option<Access>,
+    /// Run on a pseudo-terminal of this size, its stdin, stdout and stderr: the output
+    /// arrives as raw `Data` (terminal bytes, not lines), the host's `Data` is typed on
+    /// it, and [`HostMessage::Resize`] changes its size.
+    pub terminal: Option<WindowSize>,
+}
+
+/// How a command in the image may touch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub enum Access {
+    /// The image's filesystems are bound read-only where the command sees them.
+    ReadOnly,
+    ReadWrite,
+}
+
+/// A terminal's size in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(proptest_derive::Arbitrary))]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -311,6 +311,19 @@ fn messages() -> Vec<(String, Vec<u8>)> {
                 env: vec![(s("LANG"), s("C"))],
                 cwd: Some(s("/")),
                 stdin: true,
+                image: None,
+                terminal: None,
+            }),
+        },
+        HostMessage::Request {
+            id: 11,
+            operation: Operation::Run(Command {
+                argv: vec![s("/bin/sh")],
+                env: vec![(s("TERM"), s("xterm"))],
+                cwd: None,
+                stdin: true,
+                image: Some(Access::ReadOnly),
+                terminal: Some(WindowSize { rows: 24, cols: 80 }),
             }),
         },
         HostMessage::Request {
@@ -339,6 +352,10 @@ fn messages() -> Vec<(String, Vec<u8>)> {
         HostMessage::EndOfData { id: 7 },
         HostMessage::Credit { id: 9, bytes: 32768 },
         HostMessage::Cancel { id: 7 },
+        HostMessage::Resize {
+            id: 11,
+            size: WindowSize { rows: 50, cols: 132 },
+        },
         HostMessage::Shutdown,
         HostMessage::Ack { bytes: 65536 },
     ];

@@ -354,6 +354,8 @@ cat /mnt/etc/fstab";
     said("[imgvm: powered off]");
     assert_eq!(sha256(), before, "the boot changed the image");
 
+    shell(&raw, &sha256, &before);
+
     // The first build, on an empty cache, downloaded its packages (those the helper
     // appliance shares were stored, verified, when it was assembled just before). That a
     // second build gets them from the cache is build_errors' to show.
@@ -362,6 +364,49 @@ cat /mnt/etc/fstab";
         downloaded > 100,
         "the first build downloaded only {downloaded} packages"
     );
+}
+
+/// `imgvm shell`: a command prints the image's own file; the image is read-only unless
+/// `--rw`; interactively, the shell has a terminal. Only `--rw` changes the image.
+fn shell(raw: &Path, sha256: &dyn Fn() -> String, before: &str) {
+    let run = |args: &[&str]| {
+        let output = imgvm(["shell"]).args(args).output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (output.status.code(), text(&output.stdout), text(&output.stderr))
+    };
+    let image = raw.to_str().unwrap();
+    let (code, stdout, stderr) = run(&[image, "--", "cat", "/etc/os-release"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.lines().any(|l| l == "VERSION_CODENAME=trixie"),
+        "not the image's os-release:\n{stdout}"
+    );
+    let (code, _, stderr) = run(&[image, "--", "sh", "-c", "touch /etc/imgvm-shell; exit 7"]);
+    assert_eq!(code, Some(7), "the command's own status: {stderr}");
+    assert!(stderr.contains("Read-only file system"), "{stderr}");
+
+    let mut terminal = Terminal::spawn(imgvm(["shell"]).arg(raw));
+    assert!(
+        terminal.wait_for("# ", Duration::from_secs(300)),
+        "no shell prompt:\n{}",
+        terminal.shown()
+    );
+    terminal.send(b"tty; stty size\n");
+    assert!(
+        terminal.wait_for("/dev/pts/", Duration::from_secs(60)),
+        "no terminal:\n{}",
+        terminal.shown()
+    );
+    terminal.send(b"exit 0\n");
+    let (status, shown) = terminal.finish(Duration::from_secs(120));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}:\n{shown}");
+    assert!(shown.contains("24 80"), "the terminal's size:\n{shown}");
+    assert_eq!(sha256(), before, "a read-only shell changed the image");
+
+    let (code, _, stderr) = run(&["--rw", image, "--", "sh", "-c", "echo written > /root/imgvm-shell"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stdout, stderr) = run(&[image, "--", "cat", "/root/imgvm-shell"]);
+    assert_eq!((code, stdout.as_str()), (Some(0), "written\n"), "{stderr}");
 }
 
 /// The lock names every installed package with the very .deb it came from (checked in

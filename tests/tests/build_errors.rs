@@ -2,21 +2,43 @@
 //! nothing behind but the failed build's log.
 
 use imgvm_e2e::{imgvm, workdir};
+use std::io::Write;
 use std::path::Path;
+use std::process::Stdio;
 
 /// Builds `recipe` (written into `dir`) and returns imgvm's stderr and the log it left.
 /// From an empty disk: what the build fetches must not depend on what earlier runs left
 /// in the step cache.
 fn failed_build(dir: &Path, name: &str, recipe: &str) -> (String, String) {
+    let (_, stderr, log) = failed_build_with(dir, name, recipe, None);
+    (stderr, log)
+}
+
+/// [`failed_build`] with `--debug-shell` when given what to type in that shell: imgvm's
+/// stdout (the shell's output), stderr and the log.
+fn failed_build_with(dir: &Path, name: &str, recipe: &str, debug_shell: Option<&str>) -> (String, String, String) {
     let file = dir.join(format!("{name}.yaml"));
     std::fs::write(&file, recipe).unwrap();
     let out = dir.join(format!("out-{name}"));
-    let output = imgvm(["--log-format", "json", "build", "--no-cache"])
-        .arg(&file)
-        .args(["--arch", "amd64", "-o"])
-        .arg(&out)
-        .output()
+    let mut cmd = imgvm(["--log-format", "json", "build", "--no-cache"]);
+    cmd.arg(&file).args(["--arch", "amd64", "-o"]).arg(&out);
+    if debug_shell.is_some() {
+        cmd.arg("--debug-shell");
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(debug_shell.unwrap_or("").as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert_eq!(output.status.code(), Some(1), "the build should fail:\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -31,7 +53,7 @@ fn failed_build(dir: &Path, name: &str, recipe: &str) -> (String, String) {
         "only the log of the failed build may remain"
     );
     let log = std::fs::read_to_string(out.join(log_name)).unwrap();
-    (stderr, log)
+    (stdout, stderr, log)
 }
 
 const DISK: &str = "disk:
@@ -71,7 +93,16 @@ fn a_missing_package_and_a_full_disk_are_named() {
          - run: {{script: 'dd if=/dev/zero of=/filler bs=1M'}}\n",
         DISK.replace("SIZE", "700MiB")
     );
-    let (stderr, log) = failed_build(&dir, "full", &recipe);
+    // With --debug-shell, the shell opens in the image as the failed step left it (the
+    // filler there), and the build still fails as it would have.
+    let typed = "echo in the image: $(cat /etc/debian_version) $(ls /filler); exit 3\n";
+    let (stdout, stderr, log) = failed_build_with(&dir, "full", &recipe, Some(typed));
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("in the image: 13") && l.ends_with(" /filler")),
+        "the debug shell's output:\n{stdout}\n{stderr}"
+    );
     assert!(log.contains("== step 2/4 (run): "), "the daemon step ended:\n{log}");
     // The same bootstrap again: every package comes from the cache the first one filled.
     let (downloaded, cached) = imgvm_e2e::log_fields(&stderr, "downloaded_debs", "cached_debs");

@@ -4,104 +4,26 @@
 //! the image it judges: a build with `--test` seals the same bytes as
 //! one without, and `imgvm test --checks` leaves a finished image as it was.
 
-use super::{run, target};
-use crate::command::{self, Input, Program};
+use super::target;
+use super::view::View;
+use crate::command::{self, Input};
 use crate::job::Job;
 use imgvm_protocol::{
     AccountDatabase, AccountExpect, Check, CheckResult, ErrorKind, FileExpect, FileKind, Handle, OperationError,
-    RunChecks, TARGET,
+    RunChecks,
 };
 use std::os::unix::fs::MetadataExt;
 
-/// Where the read-only view of [`TARGET`] is mounted while checks run.
-const VIEW: &str = "/run/imgvm-checks";
+/// Where the image is seen while checks run.
+const CHECKS_VIEW: &str = "/run/imgvm-checks";
 
 impl Handle<RunChecks> for Job<'_> {
     fn handle(&self, op: RunChecks) -> Result<Vec<CheckResult>, OperationError> {
         let RunChecks(checks) = &op;
-        let view = View::mount(self)?;
+        let view = View::mount(self, CHECKS_VIEW, false)?;
         let results = checks.iter().map(|check| one(&view, check)).collect();
         view.unmount()?;
         results
-    }
-}
-
-/// [`TARGET`] and every filesystem below it, bound read-only at [`VIEW`], with the
-/// pseudo filesystems a chroot needs on top (their own, not the image's).
-struct View<'j> {
-    job: &'j Job<'j>,
-    /// Where programs are chrooted: [`VIEW`]; in unit tests, the test's tree itself.
-    root: String,
-}
-
-impl<'j> View<'j> {
-    fn mount(job: &'j Job<'j>) -> Result<Self, OperationError> {
-        let io = |e: std::io::Error| job.io_error(&e);
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(io)?;
-        // Field 5 is the mount point (spaces escaped as \040); parents come first.
-        let mut below: Vec<String> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter_map(|m| m.strip_prefix(TARGET))
-            .filter(|rel| rel.is_empty() || rel.starts_with('/'))
-            .map(|rel| rel.replace("\\040", " "))
-            .collect();
-        if !below.contains(&String::new()) {
-            return Err(job.error(ErrorKind::InvalidRequest, format!("nothing is mounted at {TARGET}")));
-        }
-        below.sort_by_key(|rel| rel.matches('/').count() + usize::from(!rel.is_empty()));
-        below.dedup();
-        std::fs::create_dir_all(VIEW).map_err(io)?;
-        let view = View {
-            job,
-            root: VIEW.to_owned(),
-        };
-        for rel in &below {
-            let at = format!("{VIEW}{rel}");
-            view.mount_at(&["--bind", &format!("{TARGET}{rel}")], &at)?;
-            view.mount_at(&["-o", "remount,bind,ro"], &at)?;
-        }
-        for (dir, how) in [
-            ("/proc", &["-t", "proc", "proc"][..]),
-            ("/sys", &["-t", "sysfs", "sysfs"]),
-            ("/dev", &["--bind", "/dev"]),
-            ("/run", &["-t", "tmpfs", "tmpfs"]),
-            ("/tmp", &["-t", "tmpfs", "tmpfs"]),
-        ] {
-            // A tree without the directory (an image that is no Debian) goes without.
-            if std::fs::symlink_metadata(format!("{VIEW}{dir}")).is_ok_and(|m| m.is_dir()) {
-                view.mount_at(how, &format!("{VIEW}{dir}"))?;
-            }
-        }
-        Ok(view)
-    }
-
-    fn mount_at(&self, how: &[&str], at: &str) -> Result<(), OperationError> {
-        let mut argv = vec!["mount"];
-        argv.extend(how);
-        argv.push(at);
-        if let Err(e) = run(self.job, &Program::new(&argv)) {
-            let _ = run(self.job, &Program::new(&["umount", "-R", VIEW]));
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    fn unmount(self) -> Result<(), OperationError> {
-        run(self.job, &Program::new(&["umount", "-R", VIEW]))
-    }
-
-    /// `path` in the image itself, for the checks that only read: through the view, the
-    /// image's /dev, /proc and /sys would be the helper's.
-    fn path(&self, path: &str) -> Result<String, OperationError> {
-        target(self.job, path)
-    }
-
-    /// A program in the view's chroot.
-    fn chroot(&self, argv: &[&str]) -> Program {
-        let mut full = vec!["chroot", self.root.as_str()];
-        full.extend(argv);
-        Program::new(&full).env("DEBIAN_FRONTEND", "noninteractive")
     }
 }
 
@@ -475,10 +397,7 @@ mod tests {
 
     fn run_in(tree: &std::path::Path, check: Check) -> CheckResult {
         with_test_job(tree, |job| {
-            let view = View {
-                job,
-                root: job.root.clone(),
-            };
+            let view = View::of_tree(job);
             one(&view, &check).unwrap()
         })
     }

@@ -12,6 +12,7 @@ mod listing;
 mod prefetch;
 mod seal;
 mod system;
+pub mod view;
 
 use crate::command::{self, Input, Program};
 use crate::job::Job;

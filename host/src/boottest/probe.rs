@@ -7,7 +7,7 @@
 use crate::helper::{Helper, HelperOptions};
 use crate::recipe::{Partition, TableKind};
 use anyhow::{bail, Context, Result};
-use imgvm_protocol::{Check, CheckResult, Mount, RunChecks, Unmount, WriteFile};
+use imgvm_protocol::{Check, CheckResult, RunChecks, Unmount, WriteFile};
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
@@ -105,10 +105,6 @@ impl Probe {
         mut helper: HelperOptions,
         cancel: &CancellationToken,
     ) -> Result<Probe> {
-        let filesystems = crate::plan::image_filesystems(table, partitions, "/dev/vda");
-        if !filesystems.iter().any(|(_, mount, _)| mount == "/") {
-            bail!("{}: its manifest names no root filesystem to boot", image.display());
-        }
         let dir = tempfile::Builder::new().prefix("imgvm-test-").tempdir()?;
         let overlay = dir.path().join("overlay.qcow2");
         let image = std::fs::canonicalize(image).with_context(|| format!("cannot open {}", image.display()))?;
@@ -153,12 +149,7 @@ impl Probe {
             _ = cancel.cancelled() => bail!("cancelled while starting the helper VM"),
         };
         let written = async {
-            for (device, path, _) in filesystems {
-                helper
-                    .session
-                    .image(Mount { device, path }, None, |_| {}, cancel)
-                    .await??;
-            }
+            crate::shell::mount(&helper.session, table, partitions, cancel).await?;
             let results = match checks.is_empty() {
                 true => Vec::new(),
                 false => helper.session.image(RunChecks(checks), None, |_| {}, cancel).await??,

@@ -14,7 +14,7 @@ use crate::plan::{Action, NamedCheck, Phase};
 use crate::recipe::Recipe;
 use crate::recipe::SourceKind;
 use anyhow::{bail, Context, Result};
-use imgvm_protocol::{ErrorKind, Event, ListPackages, OperationError, Prefetch, RunChecks, TARGET};
+use imgvm_protocol::{Access, Command, ErrorKind, Event, ListPackages, OperationError, Prefetch, RunChecks, TARGET};
 use indicatif::HumanBytes;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -39,6 +39,8 @@ pub struct BuildOptions {
     pub lock_only: bool,
     /// Neither reuse nor store states of the image after its steps ([`crate::states`]).
     pub no_cache: bool,
+    /// When a step fails, open a shell in the image before the build ends ([`debug_shell`]).
+    pub debug_shell: bool,
     /// Where the files the mirror no longer has are fetched: the recipe's snapshot, when
     /// the build follows a lock from the mirror it stands in for. Decided by the build
     /// ([`follow_lock_mirror`]).
@@ -560,6 +562,11 @@ async fn run_steps(
     };
     let result = match steps.await {
         Ok(()) => Ok(()),
+        Err(e) if options.debug_shell && !cancel.is_cancelled() => {
+            let e = helper.explain(e).await;
+            debug_shell(&helper, &e, cancel).await;
+            Err(e)
+        }
         Err(e) => Err(helper.explain(e).await),
     };
     let (downloaded, cached) = helper.proxy.debs();
@@ -590,6 +597,32 @@ async fn run_steps(
             .await;
     }
     Ok((timings, findings, lock))
+}
+
+/// `--debug-shell`: says what failed, then opens a shell in the image as the failed step
+/// left it (writable: it is the build's own disk), or in the helper when no image is
+/// mounted. The build fails as it would have whatever happens in the shell.
+async fn debug_shell(helper: &Helper, error: &anyhow::Error, cancel: &CancellationToken) {
+    tracing::error!("{error:#}");
+    tracing::info!("--debug-shell: a root shell in the image as the failed step left it; leave it to end the build");
+    let session = &helper.session;
+    let is_mounted = Command {
+        argv: ["sh", "-c", &format!("grep -q ' {TARGET} ' /proc/self/mounts")]
+            .map(str::to_owned)
+            .to_vec(),
+        ..Command::default()
+    };
+    let image = match session.run(is_mounted, None, |_| {}, cancel).await {
+        Ok(Ok(_)) => Some(Access::ReadWrite),
+        _ => {
+            tracing::info!("--debug-shell: no image is mounted yet; the shell is in the helper VM");
+            None
+        }
+    };
+    let opened = crate::shell::open(session, image, Vec::new(), cancel).await;
+    if let Err(e) = opened {
+        tracing::warn!("--debug-shell: {e:#}");
+    }
 }
 
 /// The lock of what the build installed, from what the proxy learnt from signed indices;

@@ -23,8 +23,11 @@ const WANTS: &str = "/etc/systemd/system/multi-user.target.d/imgvm-boot-report.c
 /// starting on qemu, and the console stays silent meanwhile. Then (for at most 30 s) it
 /// waits for what is still starting or stopping: a unit that failed and is being
 /// restarted is neither failed nor running until it settles. Prints one line, naming
-/// the failed units and the units whose start was still running. The script computes
-/// the marker's number, so the marker itself is in no file.
+/// the failed units and the units whose start was still running, on every console the
+/// kernel has: `/dev/console` is only the last `console=` of the command line, which
+/// need not be the serial port the test reads (EC2's arm64 images name Graviton's
+/// ttyS0 last, which qemu's virt machine does not have). The script computes the
+/// marker's number, so the marker itself is in no file.
 const SCRIPT_TEXT: &str = r#"# imgvm's boot test: how the boot ended, on the console.
 timeout @SETTLE@ systemctl is-system-running --wait > /dev/null
 if [ $? -ne 124 ]; then
@@ -38,9 +41,10 @@ failed=$(systemctl list-units --state=failed,auto-restart --plain --no-legend --
 stuck=$(systemctl list-jobs --plain --no-legend --no-pager |
     while read -r job unit type state rest; do [ "$state" = running ] && printf '%s ' "$unit"; done)
 state=$(systemctl is-system-running)
-printf '
-%s state=%s failed=%s stuck=%s
-' "imgvm-boot-$((6*7))-@TOKEN@" "$state" "$failed" "$stuck" > /dev/console
+report=$(printf '%s state=%s failed=%s stuck=%s' "imgvm-boot-$((6*7))-@TOKEN@" "$state" "$failed" "$stuck")
+for console in $(cat /sys/class/tty/console/active 2>/dev/null) console; do
+    printf '\n%s\n' "$report" > "/dev/$console" 2>/dev/null
+done
 "#;
 
 /// How long the report waits for systemd to finish starting the system: well inside the
@@ -299,11 +303,18 @@ is-system-running) echo starting; exit 1 ;;
 esac
 "#,
         );
-        let console = dir.path().join("console");
+        // The kernel's consoles: one that this machine does not have, then the serial port.
+        let active = dir.path().join("active");
+        std::fs::write(&active, "ttyS0 ttyAMA0\n").unwrap();
+        let dev = dir.path().join("dev");
+        std::fs::create_dir(&dev).unwrap();
+        let console = dev.join("ttyAMA0");
+        std::fs::write(&console, "").unwrap();
         let script = SCRIPT_TEXT
             .replace("@TOKEN@", "00ff")
             .replace("@SETTLE@", &SETTLE_LIMIT.as_secs().to_string())
-            .replace("/dev/console", console.to_str().unwrap());
+            .replace("/sys/class/tty/console/active", active.to_str().unwrap())
+            .replace("\"/dev/$console\"", &format!("\"{}/$console\"", dev.display()));
         let path = format!("{}:/usr/bin:/bin", bin.display());
         let ran = std::process::Command::new("sh")
             .args(["-c", &script])

@@ -290,14 +290,30 @@ pub fn run_terminal(job: &Job, program: &Program, size: WindowSize) -> Result<()
         }
         let _ = tx.send(Inbound::Exited(status));
     });
-    let mut input = std::fs::File::from(master);
+    // Typing waits while the program does not read; meanwhile this loop must go on taking
+    // the host's credit, or a program blocked writing its output would never read.
+    let (keys, typed) = std::sync::mpsc::channel::<Vec<u8>>();
+    {
+        let (mut input, writer, id) = (
+            std::fs::File::from(master.try_clone().map_err(io)?),
+            job.writer.clone(),
+            job.id,
+        );
+        std::thread::spawn(move || {
+            for chunk in typed {
+                let _ = input.write_all(&chunk);
+                let _ = writer.send(&GuestMessage::Credit {
+                    id,
+                    bytes: chunk.len() as u64,
+                });
+            }
+        });
+    }
     let mut cancelled = false;
     let status = loop {
         match job.recv() {
             Ok(Inbound::Data(chunk)) => {
-                let len = chunk.len() as u64;
-                let _ = input.write_all(&chunk);
-                let _ = job.writer.send(&GuestMessage::Credit { id: job.id, bytes: len });
+                let _ = keys.send(chunk);
             }
             Ok(Inbound::Credit(bytes)) => {
                 let (credited, more) = &*window;
@@ -305,7 +321,7 @@ pub fn run_terminal(job: &Job, program: &Program, size: WindowSize) -> Result<()
                 more.notify_all();
             }
             Ok(Inbound::Resize(size)) => {
-                let _ = set_size(&input, size);
+                let _ = set_size(&master, size);
             }
             // A terminal's input ends when its user types the end-of-file character.
             Ok(Inbound::End) => {}

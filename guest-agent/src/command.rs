@@ -395,21 +395,35 @@ fn set_size(terminal: &impl AsRawFd, size: WindowSize) -> io::Result<()> {
 fn kill_leftovers(pid: i32, root: &str) {
     // SAFETY: kill(2) with a negative pid signals a process group; ESRCH when empty.
     unsafe { libc::kill(-pid, libc::SIGKILL) };
-    if root == "/" {
-        return;
+    if root != "/" {
+        kill_rooted_in(root);
     }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(other) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
+}
+
+/// Kills every process whose root directory is `root` or below it, and waits (a second
+/// at most) until they are gone, so that what they held can be unmounted.
+pub fn kill_rooted_in(root: &str) {
+    for _ in 0..20 {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
         };
-        let in_image =
-            std::fs::read_link(entry.path().join("root")).is_ok_and(|r| r.starts_with(root) && r.as_os_str() != "/");
-        if in_image {
-            unsafe { libc::kill(other, libc::SIGKILL) };
+        let mut killed = false;
+        for entry in entries.flatten() {
+            let Some(other) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let in_image = std::fs::read_link(entry.path().join("root"))
+                .is_ok_and(|r| r.starts_with(root) && r.as_os_str() != "/");
+            if in_image {
+                // SAFETY: kill(2) on a pid; ESRCH when it has gone.
+                unsafe { libc::kill(other, libc::SIGKILL) };
+                killed = true;
+            }
         }
+        if !killed {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

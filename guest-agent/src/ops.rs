@@ -77,7 +77,11 @@ fn run(job: &Job, c: Command) -> Result<(), OperationError> {
             command::run(job, &program, input, false).map(drop)
         }
     };
-    let unmounted = view.map_or(Ok(()), View::unmount);
+    let unmounted = view.map_or(Ok(()), |view| {
+        // What the command left running in the view (`setsid daemon &`) would keep it busy.
+        command::kill_rooted_in(&view.root);
+        view.unmount()
+    });
     ran.and(unmounted)
 }
 
